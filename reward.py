@@ -319,9 +319,12 @@ class PerPromptStatTracker:
         self.buffers = {}
 
     def update(self, prompts, values):
-        prompts = [str(p) if isinstance(p, np.str_) else p for p in prompts]
+        prompts = list(prompts)
         if not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be strings (they key the per-prompt buffers)")
+        prompts = [str(p) for p in prompts]  # plain str keys (np.str_ -> str) keep the state JSON-clean
+        if torch.is_tensor(values):
+            values = values.detach().cpu().double()
         values = np.asarray(values, dtype=np.float64)
         if values.ndim != 1 or len(values) != len(prompts):
             raise ValueError(f"values must be 1-D with one value per prompt: {values.shape} vs {len(prompts)} prompts")
