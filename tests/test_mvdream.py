@@ -1,0 +1,460 @@
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from transformers import CLIPTextConfig, CLIPTextModel
+
+import mvdream
+from mvdream import MVDreamPolicy, MultiViewAttnProcessor, convert_mvdream_checkpoint, get_camera, mvdream_unet
+
+KEYS_FILE = Path("/work/shared/reference/mvdream_unet_keys.txt")
+VOCAB = ["a", "red", "blue", "green", "cube", "ball", "with", "on", "its", "top"]
+
+
+def _meta(build):
+    with torch.device("meta"):
+        return build()
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return MVDreamPolicy.tiny(VOCAB, seed=0)
+
+
+def _inputs(policy, B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((B, 4) + policy.latent_shape, generator=g)
+    t = torch.tensor([900, 37][:B])
+    emb = policy.encode_prompts(["a red cube", "a blue ball with a green cube on its top"][:B])
+    return x, t, emb
+
+
+def _randomize_zero_tensors(module, seed=0):
+    # spec C.1: zero-initialised tensors would hide whole paths from a comparison
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A.4 cameras: spec test vectors
+
+def test_get_camera_elevation_0_vectors():
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0, -1, -1, 0, 1, 0, 0, 0, 0, 0, 1],
+        [0, 0, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1],
+        [-1, 0, 0, 0, 0, 0, 1, 1, 0, 1, 0, 0, 0, 0, 0, 1],
+        [0, 0, -1, -1, -1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1],
+    ], dtype=torch.float32)
+    cams = get_camera(4, elevation=0.0)
+    assert cams.shape == (4, 16) and cams.dtype == torch.float32
+    torch.testing.assert_close(cams, expected, atol=1e-6, rtol=0)
+
+
+def test_get_camera_elevation_15_view0():
+    s, c = math.sin(math.radians(15)), math.cos(math.radians(15))
+    expected = torch.tensor([[1, 0, 0, 0], [0, s, -c, -c], [0, c, s, s], [0, 0, 0, 1]], dtype=torch.float32)
+    torch.testing.assert_close(get_camera(4, elevation=15.0)[0].view(4, 4), expected, atol=1e-6, rtol=0)
+    assert abs(0.2588 - s) < 1e-4 and abs(0.9659 - c) < 1e-4  # the rounded values quoted in spec A.4
+
+
+def test_get_camera_azimuths_and_no_blender():
+    gl = get_camera(4, elevation=0.0, blender_coord=False).view(4, 4, 4)
+    # OpenGL world: camera k sits at (sin a, 0, cos a), a = 0, 90, 180, 270
+    pos = torch.tensor([[0, 0, 1], [1, 0, 0], [0, 0, -1], [-1, 0, 0]], dtype=torch.float32)
+    torch.testing.assert_close(gl[:, :3, 3], pos, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A.3 multi-view attention
+
+def test_processor_matches_bruteforce_joint_attention():
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, heads=2, dim_head=16)
+    x = torch.randn(2 * 4, 5, 32)  # 2 objects x 4 views, 5 tokens per view
+    out = MultiViewAttnProcessor(4)(attn, x)
+    for obj in range(2):
+        tokens = x[obj * 4:(obj + 1) * 4].reshape(20, 32)  # view-major concatenation
+        q, k, v = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
+        heads = []
+        for h in range(2):
+            sl = slice(16 * h, 16 * (h + 1))
+            w = torch.softmax(q[:, sl] @ k[:, sl].T / math.sqrt(16), dim=-1)
+            heads.append(w @ v[:, sl])
+        ref = attn.to_out[0](torch.cat(heads, dim=-1)).reshape(4, 5, 32)
+        torch.testing.assert_close(out[obj * 4:(obj + 1) * 4], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_unet_with_one_view_equals_stock_processor():
+    torch.manual_seed(0)
+    mv = mvdream_unet("tiny", num_frames=1).eval()
+    _randomize_zero_tensors(mv)
+    stock = UNet2DConditionModel(**mvdream.UNET_CONFIGS["tiny"]).eval()
+    stock.load_state_dict(mv.state_dict())
+    stock.set_attn_processor(AttnProcessor2_0())
+    x, t = torch.randn(3, 12, 32, 32), torch.tensor([10, 500, 999])
+    ctx, cam = torch.randn(3, 7, 64), get_camera(3)
+    with torch.no_grad():
+        torch.testing.assert_close(mv(x, t, ctx, class_labels=cam).sample, stock(x, t, ctx, class_labels=cam).sample,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_unet_views_mix_within_object_only_and_objects_permute():
+    torch.manual_seed(0)
+    unet = mvdream_unet("tiny").eval()
+    n_mv = sum(isinstance(p, MultiViewAttnProcessor) for p in unet.attn_processors.values())
+    n_attn1 = sum(name.endswith("attn1.processor") for name in unet.attn_processors)
+    assert n_mv == n_attn1 > 0
+    _randomize_zero_tensors(unet)
+    x, t = torch.randn(8, 12, 32, 32), torch.tensor([700] * 4 + [300] * 4)
+    ctx, cam = torch.randn(8, 7, 64), get_camera(4).repeat(2, 1)
+    with torch.no_grad():
+        base = unet(x, t, ctx, class_labels=cam).sample
+        x2 = x.clone()
+        x2[2] += 1.0  # object 0, view 2
+        changed = unet(x2, t, ctx, class_labels=cam).sample
+        assert (changed[0] - base[0]).abs().max() > 1e-3  # view 0 of the same object sees view 2
+        assert torch.equal(changed[4:], base[4:])  # the other object never does
+        perm = torch.cat([torch.arange(4, 8), torch.arange(0, 4)])
+        swapped = unet(x[perm], t[perm], ctx[perm], class_labels=cam[perm]).sample
+        torch.testing.assert_close(swapped, base[perm], atol=1e-5, rtol=1e-5)
+
+
+def test_processor_rejects_partial_objects():
+    attn = Attention(query_dim=32, heads=2, dim_head=16)
+    with pytest.raises(ValueError, match="num_frames"):
+        MultiViewAttnProcessor(4)(attn, torch.randn(6, 5, 32))
+
+
+def test_full_size_unet_config_on_meta():
+    unet = _meta(lambda: mvdream_unet("sd21-4view"))
+    assert sum(p.numel() for p in unet.parameters()) == 867_572_164  # spec A.1
+    assert len(unet.state_dict()) == 690
+    assert sum(isinstance(p, MultiViewAttnProcessor) for p in unet.attn_processors.values()) == 16  # spec A.1
+
+
+# ---------------------------------------------------------------------------------------------------
+# A.6 checkpoint conversion. Inverse maps written from the spec A.6 table, independently of diffusers.
+
+_RES_INV = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def diffusers_to_ldm_unet_key(key, config):
+    L = config["layers_per_block"]
+    attn_levels = ["CrossAttn" in b for b in config["up_block_types"]]
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "class_embedding.linear_1": "camera_embed.0", "class_embedding.linear_2": "camera_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    head, _, leaf = key.rpartition(".")
+    if head in fixed:
+        return f"{fixed[head]}.{leaf}"
+
+    def res(rest):
+        first, _, tail = rest.partition(".")
+        return f"{_RES_INV[first]}.{tail}"
+
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"input_blocks.{1 + int(m[1]) * (L + 1) + int(m[2])}.0.{res(m[3])}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
+        return f"input_blocks.{1 + int(m[1]) * (L + 1) + int(m[2])}.1.{m[3]}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{(int(m[1]) + 1) * (L + 1)}.0.op.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"middle_block.{2 * int(m[1])}.{res(m[2])}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"output_blocks.{int(m[1]) * (L + 1) + int(m[2])}.0.{res(m[3])}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
+        return f"output_blocks.{int(m[1]) * (L + 1) + int(m[2])}.1.{m[3]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        b = int(m[1])
+        return f"output_blocks.{b * (L + 1) + L}.{2 if attn_levels[b] else 1}.conv.{m[2]}"
+    raise AssertionError(f"no LDM name for {key}")
+
+
+def _reference_keys():
+    rows = [line.split("\t") for line in KEYS_FILE.read_text().splitlines() if line.strip()]
+    return {k: tuple(int(s) for s in re.findall(r"\d+", shape)) for k, shape in rows}
+
+
+def test_inverse_map_reproduces_the_reference_key_list():
+    # Validates the test's own inverse map against the 690 keys of the original checkpoint.
+    ref = _reference_keys()
+    assert len(ref) == 690
+    unet = _meta(lambda: mvdream_unet("sd21-4view"))
+    ours = {diffusers_to_ldm_unet_key(k, mvdream.UNET_CONFIGS["sd21-4view"]): tuple(v.shape)
+            for k, v in unet.state_dict().items()}
+    assert ours == ref
+
+
+def _vae_ldm_keys():
+    vae = _meta(lambda: AutoencoderKL(**mvdream.SD21_VAE_CONFIG))
+    out = {}
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    for k, v in vae.state_dict().items():
+        shape = tuple(v.shape)
+        n = k.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", k):
+            n = f"{m[1]}.mid.attn_1.{attn[m[2]]}.{m[3]}"
+            if m[3] == "weight" and m[2] != "group_norm":
+                shape = shape + (1, 1)  # LDM uses 1x1 convs
+        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.+)", n):
+            n = f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
+        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d)\.resnets\.(\d)\.(.+)", n):
+            n = f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}"
+        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d)\.downsamplers\.0\.(.+)", n):
+            n = f"encoder.down.{m[1]}.downsample.{m[2]}"
+        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d)\.resnets\.(\d)\.(.+)", n):
+            n = f"decoder.up.{3 - int(m[1])}.block.{m[2]}.{m[3]}"
+        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d)\.upsamplers\.0\.(.+)", n):
+            n = f"decoder.up.{3 - int(m[1])}.upsample.{m[2]}"
+        out[n] = shape
+    assert len(out) == 248  # spec A.6
+    return out
+
+
+def _openclip_text_keys(layers=24, width=1024):
+    keys = {"token_embedding.weight": (49408, width), "positional_embedding": (77, width),
+            "ln_final.weight": (width,), "ln_final.bias": (width,), "text_projection": (width, width),
+            "logit_scale": ()}
+    for i in range(layers):
+        p = f"transformer.resblocks.{i}."
+        keys.update({p + "ln_1.weight": (width,), p + "ln_1.bias": (width,), p + "ln_2.weight": (width,),
+                     p + "ln_2.bias": (width,), p + "attn.in_proj_weight": (3 * width, width),
+                     p + "attn.in_proj_bias": (3 * width,), p + "attn.out_proj.weight": (width, width),
+                     p + "attn.out_proj.bias": (width,), p + "mlp.c_fc.weight": (4 * width, width),
+                     p + "mlp.c_fc.bias": (4 * width,), p + "mlp.c_proj.weight": (width, 4 * width),
+                     p + "mlp.c_proj.bias": (width,)})
+    return keys
+
+
+def _meta_sd(shapes, prefix=""):
+    return {prefix + k: torch.empty(s, device="meta") for k, s in shapes.items()}
+
+
+def _original_checkpoint():
+    sd = _meta_sd(_reference_keys(), "model.diffusion_model.")
+    sd.update(_meta_sd(_vae_ldm_keys(), "first_stage_model."))
+    sd.update(_meta_sd(_openclip_text_keys(), "cond_stage_model.model."))
+    sd.update({k: torch.empty(1000, device="meta") for k in mvdream.LDM_SCHEDULE_BUFFERS})
+    return sd
+
+
+def test_convert_original_layout_loads_strictly():
+    parts = convert_mvdream_checkpoint(_original_checkpoint())
+    assert set(parts) == {"unet", "vae", "text_encoder"}
+    assert len(parts["unet"]) == 690 and len(parts["vae"]) == 248
+    unet = _meta(lambda: mvdream_unet("sd21-4view"))
+    unet.load_state_dict(parts["unet"], strict=True, assign=True)
+    vae = _meta(lambda: AutoencoderKL(**mvdream.SD21_VAE_CONFIG))
+    vae.load_state_dict(parts["vae"], strict=True, assign=True)
+    text = _meta(lambda: CLIPTextModel(CLIPTextConfig(**mvdream.SD21_TEXT_CONFIG)))
+    text.load_state_dict(parts["text_encoder"], strict=True, assign=True)
+    assert tuple(unet.class_embedding.linear_1.weight.shape) == (1280, 16)
+
+
+def test_convert_port_layout_loads_strictly():
+    parts = convert_mvdream_checkpoint(_meta_sd(_reference_keys()))
+    assert set(parts) == {"unet"}
+    _meta(lambda: mvdream_unet("sd21-4view")).load_state_dict(parts["unet"], strict=True, assign=True)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda sd: sd.pop("output_blocks.5.2.conv.weight"), "missing"),
+    (lambda sd: sd.pop("camera_embed.2.bias"), "camera_embed.2.bias"),
+    (lambda sd: sd.__setitem__("time_embed.4.weight", torch.empty(3, device="meta")), "time_embed.4.weight"),
+    (lambda sd: sd.__setitem__("input_blocks.1.1.extra.weight", torch.empty(3, device="meta")), "unexpected"),
+    (lambda sd: sd.__setitem__("input_blocks.1.1.proj_in.weight", torch.empty(3, 3, device="meta")), "shape"),
+    (lambda sd: sd.__setitem__("lora.weight", torch.empty(3, device="meta")), "unrecognised layout"),
+])
+def test_convert_rejects_bad_unet_keys(edit, match):
+    sd = _meta_sd(_reference_keys())
+    edit(sd)
+    with pytest.raises(KeyError, match=match):
+        convert_mvdream_checkpoint(sd)
+
+
+def test_convert_rejects_unknown_original_keys():
+    sd = _original_checkpoint()
+    sd["model_ema.decay"] = torch.empty((), device="meta")
+    with pytest.raises(KeyError, match="model_ema.decay"):
+        convert_mvdream_checkpoint(sd)
+    sd = _original_checkpoint()
+    sd["cond_stage_model.model.visual.proj"] = torch.empty(3, device="meta")
+    with pytest.raises(KeyError, match="visual.proj"):
+        convert_mvdream_checkpoint(sd)
+
+
+def test_tiny_ldm_round_trip_numerics():
+    torch.manual_seed(0)
+    src = mvdream_unet("tiny").eval()
+    _randomize_zero_tensors(src)
+    ldm = {"model.diffusion_model." + diffusers_to_ldm_unet_key(k, mvdream.UNET_CONFIGS["tiny"]): v
+           for k, v in src.state_dict().items()}
+    parts = convert_mvdream_checkpoint(ldm, unet_config="tiny")
+    dst = mvdream_unet("tiny").eval()
+    dst.load_state_dict(parts["unet"], strict=True)
+    x, t = torch.randn(4, 12, 32, 32), torch.tensor([999, 500, 20, 1])
+    ctx, cam = torch.randn(4, 7, 64), get_camera(4)
+    with torch.no_grad():
+        assert torch.equal(src(x, t, ctx, class_labels=cam).sample, dst(x, t, ctx, class_labels=cam).sample)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer, text, CFG, decode
+
+def test_word_tokenizer():
+    tok = mvdream.WordTokenizer(["a", "red", "cube"], max_length=6)
+    ids = tok(["A red, cube!", ""])
+    assert ids.tolist() == [[1, 3, 4, 5, 2, 0], [1, 2, 0, 0, 0, 0]]
+    with pytest.raises(KeyError, match="'sphere'"):
+        tok(["a red sphere"])
+    with pytest.raises(ValueError, match="max_length"):
+        tok(["a red cube a red"])
+
+
+def test_negative_embeds_are_the_empty_prompt(policy):
+    assert policy.negative_embeds.shape == (1, 16, 64)
+    assert torch.equal(policy.negative_embeds, policy.encode_prompts([""]))
+
+
+def test_forward_is_cfg_over_two_plain_unet_calls(policy):
+    x, t, emb = _inputs(policy)
+    with torch.no_grad():
+        eps = policy(x, t, emb, 7.5)
+        cond_only = policy(x, t, emb, 1.0)
+        cams = get_camera(4, 15.0).repeat(2, 1)  # toy elevation, same cameras for each object
+        flat = x.reshape(8, 12, 32, 32)
+        tt = t.repeat_interleave(4)
+        c = policy.unet(flat, tt, emb.repeat_interleave(4, 0), class_labels=cams).sample
+        u = policy.unet(flat, tt, policy.negative_embeds.expand(8, -1, -1), class_labels=cams).sample
+    torch.testing.assert_close(cond_only, c.view_as(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eps, (u + 7.5 * (c - u)).view_as(x), atol=1e-4, rtol=1e-4)
+    assert eps.shape == x.shape
+
+
+def test_decode_encode_pixel_space(policy):
+    images = torch.rand(1, 4, 3, 64, 64)
+    z = policy.encode(images)
+    assert z.shape == (1, 4, 12, 32, 32)
+    torch.testing.assert_close(policy.decode(z), images, atol=1e-6, rtol=0)
+    # pixel-unshuffle: channel c*4 + dy*2 + dx at (i, j) holds pixel (2i+dy, 2j+dx) of colour c, as 2x-1
+    assert torch.isclose(z[0, 1, 2 * 4 + 1 * 2 + 0, 5, 7], images[0, 1, 2, 11, 14] * 2 - 1)
+
+
+def test_frozen_base(policy):
+    assert not any(p.requires_grad for p in policy.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRA
+
+def test_lora_init_disable_and_train_step():
+    policy = MVDreamPolicy.tiny(VOCAB, seed=1)
+    x, t, emb = _inputs(policy)
+    with torch.no_grad():
+        base = policy(x, t, emb, 3.0)
+    policy.add_lora(4, 8)
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in policy.parameters() if p.requires_grad)
+    with torch.no_grad():
+        assert torch.equal(policy(x, t, emb, 3.0), base)  # up-projection = 0
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1e-1)
+    policy(x, t, emb, 3.0).square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        assert (policy(x, t, emb, 3.0) - base).abs().max() > 1e-6
+        with policy.disable_adapters():
+            assert torch.equal(policy(x, t, emb, 3.0), base)
+        assert (policy(x, t, emb, 3.0) - base).abs().max() > 1e-6  # re-enabled on exit
+    assert all(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)
+
+
+def _trained_lora_policy(seed=2):
+    policy = MVDreamPolicy.tiny(VOCAB, seed=seed)
+    policy.add_lora(4, 8)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return policy
+
+
+def test_lora_save_load_round_trip(tmp_path):
+    policy = _trained_lora_policy()
+    x, t, emb = _inputs(policy)
+    with torch.no_grad():
+        want = policy(x, t, emb, 3.0)
+    path = policy.save_lora(tmp_path)
+    fresh = MVDreamPolicy.tiny(VOCAB, seed=2)
+    fresh.load_lora(path)
+    assert fresh.lora_config.r == 4 and fresh.lora_config.lora_alpha == 8
+    with torch.no_grad():
+        assert torch.equal(fresh(x, t, emb, 3.0), want)
+    # the in-memory state dict too (alpha must then be given or already set)
+    again = MVDreamPolicy.tiny(VOCAB, seed=2)
+    with pytest.raises(ValueError, match="alpha"):
+        again.load_lora(policy.lora_state_dict())
+    again.load_lora(policy.lora_state_dict(), alpha=8)
+    with torch.no_grad():
+        assert torch.equal(again(x, t, emb, 3.0), want)
+
+
+def test_lora_file_is_readable_by_diffusers(tmp_path):
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    policy = _trained_lora_policy()
+    x, t, emb = _inputs(policy)
+    with torch.no_grad():
+        want = policy(x, t, emb, 3.0)
+    policy.save_lora(tmp_path)
+    fresh = MVDreamPolicy.tiny(VOCAB, seed=2)
+    sd, alphas, meta = StableDiffusionLoraLoaderMixin.lora_state_dict(str(tmp_path), return_lora_metadata=True)
+    fresh.unet.load_lora_adapter(sd, prefix="unet", metadata=meta)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, t, emb, 3.0), want, atol=1e-6, rtol=1e-6)
+
+
+def test_lora_load_is_strict():
+    policy = _trained_lora_policy()
+    sd = policy.lora_state_dict()
+    sd.pop(next(iter(sd)))
+    fresh = _trained_lora_policy()
+    with pytest.raises(KeyError, match="missing"):
+        fresh.load_lora(sd)
+    with pytest.raises(KeyError, match="unet."):
+        fresh.load_lora({"text_encoder.x.lora_A.weight": torch.zeros(4, 4)})
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    policy = _trained_lora_policy()
+    policy.save_pretrained(tmp_path)
+    loaded = MVDreamPolicy.from_pretrained(tmp_path)
+    assert loaded.tokenizer.vocab == VOCAB and loaded.elevation == 15.0
+    x, t, emb = _inputs(policy)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, emb, 3.0), policy(x, t, emb, 3.0))
+        with loaded.disable_adapters(), policy.disable_adapters():
+            assert torch.equal(loaded(x, t, emb, 3.0), policy(x, t, emb, 3.0))
+    assert torch.equal(loaded.negative_embeds, policy.negative_embeds)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Missing weights
+
+def test_from_pretrained_offline_names_what_to_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match="sd-v2.1-base-4view.pt"):
+        MVDreamPolicy.from_pretrained("MVDream/MVDream", local_files_only=True)
+    with pytest.raises(FileNotFoundError, match="ashawkey/mvdream-sd2.1-diffusers"):
+        MVDreamPolicy.from_pretrained("ashawkey/mvdream-sd2.1-diffusers", local_files_only=True)
+    with pytest.raises(FileNotFoundError, match="not an MVDream diffusers-port folder"):
+        MVDreamPolicy.from_pretrained(tmp_path)
