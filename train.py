@@ -324,15 +324,14 @@ def save_checkpoint(cfg, epoch, policy, optimizer, trackers, counters, rank):
     rng = gather_list([{"torch": torch.get_rng_state().tolist(), "numpy": np.random.get_state()[1].tolist(),
                         "python": random.getstate()[1]}])
     if rank == 0:
-        from safetensors.torch import save_file
         root = checkpoint_dir(cfg)
         final = os.path.join(root, f"epoch_{epoch:04d}")
         tmp = os.path.join(root, f".tmp_epoch_{epoch:04d}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        # Standard diffusers/peft LoRA file: diffusers' load_lora_weights / unet.load_lora_adapter read it.
-        save_file({k: v.detach().cpu().contiguous() for k, v in policy.lora_state_dict().items()},
-                  os.path.join(tmp, "pytorch_lora_weights.safetensors"))
+        # Standard diffusers/peft LoRA file (pytorch_lora_weights.safetensors, alpha in its header):
+        # diffusers' load_lora_weights / unet.load_lora_adapter and evaluate.py --lora read it.
+        policy.save_lora(tmp)
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(rng, os.path.join(tmp, "rng_states.pt"))
         state = {"epoch": epoch, "counters": counters,
@@ -348,7 +347,7 @@ def save_checkpoint(cfg, epoch, policy, optimizer, trackers, counters, rank):
 def load_checkpoint(path, policy, optimizer, trackers, rank):
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
-    policy.load_lora(os.path.join(path, "pytorch_lora_weights.safetensors"))
+    policy.load_lora(path)
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu"))
     for k, t in trackers.items():
         t.load_state_dict(state["trackers"][k])

@@ -1,0 +1,232 @@
+"""Evaluate a multi-view diffusion checkpoint: MRC (Carve3D Sec. 3), prompt fidelity, diversity.
+
+    python evaluate.py --checkpoint checkpoints/toy/sft-base --out outputs/eval/sft-base
+    python evaluate.py --checkpoint checkpoints/toy/sft-base --lora runs/toy/checkpoints/epoch_0039 --out outputs/eval/rl
+    python evaluate.py --ground-truth --out outputs/eval/gt          # the toy world's own renders
+    python evaluate.py --robustness --out outputs/eval/robustness    # MRC under controlled inconsistency
+
+Every prompt gets --seeds samples from fixed initial noise (seeded by prompt index and sample index), so
+two checkpoints are compared on identical noise, as Carve3D compares base and finetuned models (Fig. 3).
+  MRC        mean/std over samples of the MRC reward's LPIPS (lower = more consistent).
+  fidelity   toy world only: toy.fidelity, whether each view's colours and their proportions match
+             ground-truth renders of the prompt at that camera (1 = matches, 0 = empty or wrong colour).
+  diversity  mean over prompts of the mean pairwise LPIPS-AlexNet between the samples of that prompt
+             (averaged over the 4 views); Carve3D's claim is that RL keeps it while longer SFT loses it.
+Writes metrics.json and grid.png (first sample of each of the first 8 prompts, captioned with MRC).
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+
+def _generator(device, *parts):
+    seed = 0
+    for p in parts:
+        seed = (seed * 1_000_003 + int(p)) % (1 << 62)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def load_prompts(spec, limit):
+    if spec.startswith("toy:"):
+        import toy
+        prompts = toy.test_prompts() if spec == "toy:test" else toy.train_prompts()
+        if spec not in ("toy:test", "toy:train"):
+            raise ValueError(f"--prompts {spec!r}: use toy:test, toy:train or a text file")
+        # spread the subset over the whole list (the grammar enumerates colours first)
+        step = max(1, len(prompts) // limit) if limit else 1
+        return prompts[::step][:limit] if limit else prompts
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"--prompts {spec!r} not found (one prompt per line, '#' comments)")
+    with open(spec) as f:
+        prompts = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    return prompts[:limit] if limit else prompts
+
+
+def generate(args, prompts, device):
+    """(P, S, 4, 3, H, W) samples of the checkpoint (or ground-truth renders) with fixed noise."""
+    if args.ground_truth:
+        import toy
+        objs = torch.stack([toy.make_object(p, _generator("cpu", args.seed, i, s))
+                            for i, p in enumerate(prompts) for s in range(args.seeds)]).to(device)
+        views = torch.cat([toy.render_views(objs[i:i + 64], args.elevation) for i in range(0, len(objs), 64)])
+        return views.view(len(prompts), args.seeds, *views.shape[1:])
+    from mvdream import MVDreamPolicy
+    from sample import sample_trajectories
+    policy = MVDreamPolicy.from_pretrained(args.checkpoint).to(device).eval()
+    if args.lora:
+        policy.load_lora(args.lora)
+    C, h, w = policy.latent_shape
+    flat = [(i, s) for i in range(len(prompts)) for s in range(args.seeds)]
+    out = []
+    for b in range(0, len(flat), args.batch_size):
+        chunk = flat[b:b + args.batch_size]
+        noise = torch.cat([torch.randn(1, policy.num_views, C, h, w, generator=_generator("cpu", args.seed, i, s))
+                           for i, s in chunk])
+        with torch.no_grad(), autocast(device):
+            traj = sample_trajectories(policy, [prompts[i] for i, _ in chunk], num_steps=args.num_steps,
+                                       guidance_scale=args.guidance_scale, eta=args.eta, initial_noise=noise.to(device),
+                                       generator=_generator(device, args.seed, 7919, b))
+        out.append(traj["views"].float())
+    views = torch.cat(out)
+    return views.view(len(prompts), args.seeds, *views.shape[1:])
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def build_reward(args, device):
+    from reconstruct import LGM
+    from reward import MRCReward, load_lpips
+    lgm = LGM.from_pretrained(args.lgm, config=args.lgm_config).to(device).eval().requires_grad_(False)
+    lpips_model = load_lpips("alex").to(device)
+    return MRCReward(lgm, lpips_model, elevation=args.elevation, lpips_size=args.lpips_size or None), lpips_model
+
+
+@torch.no_grad()
+def diversity(views, lpips_model):
+    """Mean pairwise LPIPS between the samples of each prompt, averaged over views and prompts."""
+    P, S = views.shape[:2]
+    if S < 2:
+        return float("nan")
+    pairs = [(a, b) for a in range(S) for b in range(a + 1, S)]
+    x = torch.stack([views[:, a] for a, _ in pairs], 1).flatten(0, 2)
+    y = torch.stack([views[:, b] for _, b in pairs], 1).flatten(0, 2)
+    d = torch.cat([lpips_model(x[i:i + 256], y[i:i + 256], normalize=True).flatten() for i in range(0, len(x), 256)])
+    return d.mean().item()
+
+
+@torch.no_grad()
+def evaluate(args, device):
+    prompts = load_prompts(args.prompts, args.num_prompts)
+    reward_fn, lpips_model = build_reward(args, device)
+    views = generate(args, prompts, device)                                   # (P, S, 4, 3, H, W)
+    flat = views.flatten(0, 1)
+    with autocast(device):
+        mrc = torch.cat([reward_fn(flat[i:i + args.batch_size])["mrc"].float() for i in range(0, len(flat), args.batch_size)])
+    metrics = {"num_prompts": len(prompts), "samples_per_prompt": args.seeds,
+               "mrc_mean": mrc.mean().item(), "mrc_std": mrc.std().item() if len(mrc) > 1 else 0.0,
+               "diversity": diversity(views, lpips_model)}
+    if args.prompts.startswith("toy:"):
+        import toy
+        fid = toy.fidelity(flat.cpu(), [p for p in prompts for _ in range(args.seeds)], args.elevation)
+        metrics.update(fidelity_mean=fid.mean().item(), fidelity_std=fid.std().item() if len(fid) > 1 else 0.0)
+    metrics["source"] = "ground truth" if args.ground_truth else {"checkpoint": args.checkpoint, "lora": args.lora}
+    metrics["options"] = {k: v for k, v in vars(args).items() if k not in ("out",)}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    from sample import save_grid
+    n = min(8, len(prompts))
+    m = mrc.view(len(prompts), args.seeds)
+    save_grid(os.path.join(args.out, "grid.png"), views[:n, 0],
+              [f"{p} | MRC {m[i, 0].item():.3f}" for i, p in enumerate(prompts[:n])])
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Robustness of MRC (Carve3D Sec. 3, "controlled inconsistency"): distort one of 4 consistent views by
+# an increasing amount; a good inconsistency metric rises monotonically with the amount.
+
+@torch.no_grad()
+def robustness(args, device):
+    import toy
+    prompts = load_prompts(args.prompts, args.num_prompts)
+    reward_fn, _ = build_reward(args, device)
+    objs = torch.stack([toy.make_object(p, _generator("cpu", args.seed, i)) for i, p in enumerate(prompts)])
+    views = toy.render_views(objs.to(device), args.elevation)
+    levels = list(range(args.levels + 1))
+    table = {}
+    for kind in toy.DISTORTIONS:
+        row = []
+        for level in levels:
+            distorted = views.clone()
+            for i in range(len(prompts)):   # distort MVDream view 1 of every object
+                distorted[i, 1] = toy.distort_view(views[i, 1], kind, level, _generator("cpu", args.seed, 31, i))
+            row.append(reward_fn(distorted)["mrc"].mean().item())
+        table[kind] = row
+    monotone = {k: all(b > a for a, b in zip(v, v[1:])) for k, v in table.items()}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "robustness.json"), "w") as f:
+        json.dump({"levels": levels, "mrc": table, "monotone": monotone, "num_objects": len(prompts)}, f, indent=1)
+    lines = ["| distortion | " + " | ".join(f"level {lv}" for lv in levels) + " | monotone |",
+             "| --- |" + " --- |" * (len(levels) + 1)]
+    lines += [f"| {k} | " + " | ".join(f"{x:.4f}" for x in v) + f" | {monotone[k]} |" for k, v in table.items()]
+    with open(os.path.join(args.out, "robustness.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    line_plot(os.path.join(args.out, "robustness.png"), levels, table, "distortion level", "MRC (LPIPS)")
+    print("\n".join(lines))
+    return table, monotone
+
+
+def line_plot(path, xs, series, xlabel, ylabel, size=(560, 380)):
+    """A small line chart with PIL (no plotting dependency for one figure)."""
+    from PIL import Image, ImageDraw
+    W, H = size
+    left, right, top, bottom = 60, 130, 20, 45
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    ys = [y for v in series.values() for y in v]
+    lo, hi = min(ys), max(ys)
+    hi = hi if hi > lo else lo + 1e-6
+
+    def px(x, y):
+        return (left + (x - xs[0]) / max(1e-9, xs[-1] - xs[0]) * (W - left - right),
+                H - bottom - (y - lo) / (hi - lo) * (H - top - bottom))
+    d.rectangle([left, top, W - right, H - bottom], outline=(0, 0, 0))
+    for k in range(5):
+        y = lo + (hi - lo) * k / 4
+        d.text((4, px(xs[0], y)[1] - 6), f"{y:.3f}", fill=(0, 0, 0))
+    for x in xs:
+        d.text((px(x, lo)[0] - 3, H - bottom + 4), str(x), fill=(0, 0, 0))
+    d.text(((W - right) // 2 - 30, H - 18), xlabel, fill=(0, 0, 0))
+    d.text((4, 4), ylabel, fill=(0, 0, 0))
+    colors = [(214, 39, 40), (31, 119, 180), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    for n, (name, v) in enumerate(series.items()):
+        c = colors[n % len(colors)]
+        pts = [px(x, y) for x, y in zip(xs, v)]
+        d.line(pts, fill=c, width=2)
+        for p in pts:
+            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=c)
+        d.text((W - right + 10, top + 16 * n), name, fill=c)
+    img.save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="MVDream checkpoint: our toy folder, an MVDream file/folder or hub id")
+    what.add_argument("--ground-truth", action="store_true", help="evaluate the toy world's ground-truth renders")
+    what.add_argument("--robustness", action="store_true", help="MRC under controlled inconsistency (toy world)")
+    p.add_argument("--lora", help="LoRA weights to add (a train.py checkpoint dir or pytorch_lora_weights.safetensors)")
+    p.add_argument("--out", required=True, help="output directory for metrics.json and grid.png")
+    p.add_argument("--prompts", default="toy:test", help="toy:test, toy:train, or a text file (one prompt per line)")
+    p.add_argument("--num-prompts", type=int, default=32, help="number of prompts (0 = all)")
+    p.add_argument("--seeds", type=int, default=2, help="samples per prompt (>= 2 for diversity)")
+    p.add_argument("--num-steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1 = the RL policy's sampler)")
+    p.add_argument("--lgm", default="checkpoints/toy/lgm-tiny.safetensors", help="LGM file/dir or hub id")
+    p.add_argument("--lgm-config", default="tiny", help="LGM config (tiny or big)")
+    p.add_argument("--elevation", type=float, default=15.0, help="camera elevation, MVDream convention (toy: 15)")
+    p.add_argument("--lpips-size", type=int, default=0, help="MRC crop size for LPIPS (0 = view resolution)")
+    p.add_argument("--levels", type=int, default=4, help="robustness: distortion levels after 0")
+    p.add_argument("--batch-size", type=int, default=16, help="objects per sampling / reward batch")
+    p.add_argument("--seed", type=int, default=0, help="base seed of the fixed noise")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.robustness:
+        robustness(args, device)
+        return
+    if args.seeds < 1:
+        raise ValueError("--seeds must be >= 1")
+    metrics = evaluate(args, device)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "options"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
