@@ -1,0 +1,160 @@
+import contextlib
+
+import pytest
+import torch
+
+from mvdream import MVDreamPolicy, make_scheduler
+from sample import ddim_step_with_logprob, sample_trajectories
+
+VOCAB = ["a", "red", "blue", "green", "cube", "ball"]
+PROMPTS = ["a red cube", "a blue ball"]
+
+
+def _scheduler(steps):
+    s = make_scheduler()
+    s.set_timesteps(steps)
+    return s
+
+
+def _mixed_batch(steps=20, seed=0):
+    # per-sample timesteps incl. the first and the last step (t = 1 -> previous step clamped to 0)
+    s = _scheduler(steps)
+    t = torch.stack([s.timesteps[0], s.timesteps[7], s.timesteps[-2], s.timesteps[-1]])
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 4, 3, 8, 8, generator=g)
+    eps = torch.randn(4, 4, 3, 8, 8, generator=g)
+    return s, t, x, eps
+
+
+def test_eta0_equals_diffusers_ddim_step():
+    s, t, x, eps = _mixed_batch()
+    ours, log_prob = ddim_step_with_logprob(s, eps, t, x, eta=0.0)
+    assert t[-1] == 1 and ours.dtype == torch.float32
+    for i in range(4):
+        ref = s.step(eps[i:i + 1], int(t[i]), x[i:i + 1], eta=0.0).prev_sample
+        torch.testing.assert_close(ours[i:i + 1], ref, atol=1e-5, rtol=1e-5)
+    assert torch.isnan(log_prob).all()  # no density for a deterministic step
+
+
+def test_eta1_sample_matches_diffusers_and_logprob_matches_normal():
+    s, t, x, eps = _mixed_batch()
+    ours, log_prob = ddim_step_with_logprob(s, eps, t, x, eta=1.0, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    for i in range(4):
+        ti = int(t[i])
+        # diffusers' own step with the same noise (variance_noise) and with zero noise (= the mean)
+        ref = s.step(eps[i:i + 1], ti, x[i:i + 1], eta=1.0, variance_noise=noise[i:i + 1]).prev_sample
+        mean = s.step(eps[i:i + 1], ti, x[i:i + 1], eta=1.0, variance_noise=torch.zeros_like(noise[i:i + 1])).prev_sample
+        std = s._get_variance(ti, ti - 1000 // 20).sqrt()
+        torch.testing.assert_close(ours[i:i + 1], ref, atol=1e-5, rtol=1e-5)
+        want = torch.distributions.Normal(mean.double(), std.double()).log_prob(ours[i:i + 1].double()).mean()
+        torch.testing.assert_close(log_prob[i].double(), want, atol=1e-4, rtol=1e-5)
+    assert log_prob.shape == (4,) and log_prob.dtype == torch.float32
+
+
+def test_given_prev_sample_is_scored_not_resampled():
+    s, t, x, eps = _mixed_batch()
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    prev, lp = ddim_step_with_logprob(s, eps.half(), t, x.half(), eta=1.0, prev_sample=target)
+    assert torch.equal(prev, target) and prev.dtype == torch.float32
+    # fp16 inputs are upcast: same log-prob as fp32 inputs holding the same values
+    lp32 = ddim_step_with_logprob(s, eps.half().float(), t, x.half().float(), eta=1.0, prev_sample=target)[1]
+    assert torch.equal(lp, lp32) and torch.isfinite(lp).all()
+    # moving the target away from the mean lowers its density
+    lp_far = ddim_step_with_logprob(s, eps, t, x, eta=1.0, prev_sample=target + 3.0)[1]
+    assert (lp_far < lp).all()
+
+
+def test_log_prob_gradient_flows_through_model_output_only():
+    s, t, x, eps = _mixed_batch()
+    eps = eps.clone().requires_grad_(True)
+    target = torch.randn(x.shape).requires_grad_(True)
+    lp = ddim_step_with_logprob(s, eps, t, x, eta=1.0, prev_sample=target)[1]
+    lp.sum().backward()
+    assert eps.grad is not None and eps.grad.abs().sum() > 0 and target.grad is None
+
+
+def test_requires_set_timesteps():
+    with pytest.raises(ValueError, match="set_timesteps"):
+        ddim_step_with_logprob(make_scheduler(), torch.zeros(1, 4), torch.tensor([1]), torch.zeros(1, 4), 1.0)
+
+
+@pytest.mark.parametrize("steps", [20, 25, 50])
+def test_timesteps_equal_the_original_ddim_sampler(steps):
+    # MVDream's DDIMSampler: range(0, 1000, 1000 // S) + 1, run in reverse (spec A.5)
+    original = [t + 1 for t in range(0, 1000, 1000 // steps)][::-1]
+    assert _scheduler(steps).timesteps.tolist() == original
+
+
+def test_30_steps_trap_is_real():
+    original = [t + 1 for t in range(0, 1000, 1000 // 30)][::-1]
+    ours = _scheduler(30).timesteps.tolist()
+    assert (len(original), len(ours)) == (31, 30) and original[1:] == ours
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trajectories with the tiny model
+
+@pytest.fixture(scope="module")
+def policy():
+    p = MVDreamPolicy.tiny(VOCAB, seed=0)
+    p.add_lora(4, 4)
+    return p
+
+
+def _replay(policy, traj, guidance_scale, eta=1.0, reference=False):
+    out = []
+    for j in range(traj["timesteps"].shape[1]):
+        with torch.no_grad(), (policy.disable_adapters() if reference else contextlib.nullcontext()):
+            eps = policy(traj["latents"][:, j], traj["timesteps"][:, j], traj["prompt_embeds"], guidance_scale)
+        out.append(ddim_step_with_logprob(policy.scheduler, eps, traj["timesteps"][:, j], traj["latents"][:, j], eta,
+                                          prev_sample=traj["next_latents"][:, j])[1])
+    return torch.stack(out, dim=1)
+
+
+def test_trajectory_layout(policy):
+    traj = sample_trajectories(policy, PROMPTS, num_steps=4, guidance_scale=3.0,
+                               generator=torch.Generator().manual_seed(0), with_reference=True)
+    B, T = 2, 4
+    assert traj["prompts"] == PROMPTS
+    assert traj["prompt_embeds"].shape == (B, 16, 64)
+    assert traj["timesteps"].tolist() == [[751, 501, 251, 1]] * B
+    assert traj["latents"].shape == traj["next_latents"].shape == (B, T, 4, 12, 32, 32)
+    assert traj["latents"].dtype == traj["next_latents"].dtype == torch.float32
+    assert traj["log_probs"].shape == traj["ref_log_probs"].shape == (B, T)
+    assert traj["views"].shape == (B, 4, 3, 64, 64) and 0 <= traj["views"].min() and traj["views"].max() <= 1
+    assert torch.equal(traj["latents"][:, 0], traj["initial_noise"])
+    assert torch.equal(traj["latents"][:, 1:], traj["next_latents"][:, :-1])  # a chain
+    assert torch.equal(traj["views"], policy.decode(traj["next_latents"][:, -1]))
+
+
+def test_replay_reproduces_log_probs_and_reference_equals_policy_at_init(policy):
+    traj = sample_trajectories(policy, PROMPTS, num_steps=4, guidance_scale=3.0,
+                               generator=torch.Generator().manual_seed(1), with_reference=True)
+    ratio = torch.exp(_replay(policy, traj, 3.0) - traj["log_probs"])
+    assert (ratio - 1).abs().max() <= 1e-5
+    assert torch.equal(traj["ref_log_probs"], traj["log_probs"])  # LoRA up = 0: policy == reference
+
+
+def test_replay_with_trained_lora_and_reference_differs():
+    p = MVDreamPolicy.tiny(VOCAB, seed=0)
+    p.add_lora(4, 4)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n, w in p.named_parameters():
+            if "lora_B" in n:
+                w.copy_(torch.randn(w.shape, generator=g) * 0.1)
+    traj = sample_trajectories(p, PROMPTS, num_steps=3, guidance_scale=2.0,
+                               generator=torch.Generator().manual_seed(2), with_reference=True)
+    assert (torch.exp(_replay(p, traj, 2.0) - traj["log_probs"]) - 1).abs().max() <= 1e-5
+    assert (torch.exp(_replay(p, traj, 2.0, reference=True) - traj["ref_log_probs"]) - 1).abs().max() <= 1e-5
+    assert (traj["log_probs"] - traj["ref_log_probs"]).abs().max() > 1e-6
+
+
+def test_sampling_is_deterministic_given_the_generator(policy):
+    a = sample_trajectories(policy, PROMPTS[:1], num_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(7))
+    b = sample_trajectories(policy, PROMPTS[:1], num_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(7))
+    c = sample_trajectories(policy, PROMPTS[:1], num_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a["next_latents"], b["next_latents"]) and not torch.equal(a["next_latents"], c["next_latents"])
+    with pytest.raises(ValueError, match="initial_noise"):
+        sample_trajectories(policy, PROMPTS, num_steps=2, guidance_scale=3.0, initial_noise=torch.zeros(1, 4, 12, 32, 32))
