@@ -172,10 +172,13 @@ def _tile_blocks(g, height, width, block):
     return bx0, bx1, by0, by1, count
 
 
-def render_gaussians(gaussians, c2w, fovy_deg, height, width, background=1.0, *, block=8, chunk=128):
+def render_gaussians(gaussians, c2w, fovy_deg, height, width, background=1.0, *, block=8, chunk=None,
+                     max_chunk_elements=2 ** 26):
     """gaussians (B, N, 14) [xyz, opacity, scale xyz, rotation wxyz, rgb]; c2w (V,4,4) or (B,V,4,4) OpenGL.
-    Returns {"image": (B, V, 3, H, W) in [0,1], "alpha": (B, V, 1, H, W)}. `block` (4, 8 or 16) and `chunk`
-    only trade speed for memory; the result does not depend on them (up to float summation order)."""
+    Returns {"image": (B, V, 3, H, W) in [0,1], "alpha": (B, V, 1, H, W)}.  `block` (pixel block edge,
+    dividing 16), `chunk` (Gaussians per depth step; default 32 on CPU, 64 on GPU) and `max_chunk_elements`
+    (caps blocks x chunk x pixels per step, i.e. peak memory) trade speed for memory only: the result does not
+    depend on them beyond float summation order."""
     if not torch.is_tensor(gaussians) or gaussians.dim() != 3 or gaussians.shape[-1] != 14:
         shape = tuple(gaussians.shape) if torch.is_tensor(gaussians) else type(gaussians).__name__
         raise ValueError(f"render_gaussians: gaussians must have shape (B, N, 14) "
@@ -256,6 +259,9 @@ def render_gaussians(gaussians, c2w, fovy_deg, height, width, background=1.0, *,
     table = torch.cat([torch.cat([coef, pg[:, 6:]], -1), coef.new_tensor([[-1e4] + [0.0] * 8])])
     pad_row = table.shape[0] - 1
 
+    if chunk is None:
+        chunk = 64 if dev.type == "cuda" else 32
+    chunk = min(int(chunk), max(8, max_chunk_elements // max(A * P, 1)))
     trans = torch.ones(A, P, dtype=dtype, device=dev)  # transmittance T carried across depth chunks
     out = torch.zeros(A, 4, P, dtype=dtype, device=dev)  # per pixel: sum of w * rgb, sum of w
     done = torch.zeros(A, dtype=torch.bool, device=dev)

@@ -17,6 +17,15 @@ FOVY = 49.1
 KEYS_FILE = "/work/shared/reference/lgm_big_keys.txt"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # the 2 shared cores are oversubscribed; OpenMP with 2 threads then runs these tiny ops many times slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Independent reference rasterizer: plain Python loops over pixels and Gaussians, float64, spec B.5/B.6.
 # ------------------------------------------------------------------------------------------------------
@@ -157,6 +166,7 @@ def test_render_high_opacity_early_stop():
     gen = torch.Generator().manual_seed(2)
     scene = random_scene(gen, 16, opacity=(0.9, 0.999), scale=(0.08, 0.2))
     scene[:, :3] *= 0.3  # pile them up in front of the cameras
+    scene[::3, 3] = 1.0  # alpha capped at 0.99
     stats = compare(scene, CAMS[:2], 20, 24, bg=0.3, chunk=4)
     assert sum(s["stops"] for s in stats) > 50  # many pixels hit T < 1e-4
 
@@ -187,10 +197,25 @@ def test_render_alpha_beyond_tile_rect_is_dropped():
     assert out["alpha"][0, 0, 0, 9, 16] == 0 and out["alpha"][0, 0, 0, 9, 15] > 1e-3
 
 
-def test_render_single_isotropic_gaussian_closed_form():
+def test_render_tile_rect_uses_inria_radius():
+    # 2D variance ~0.9 at u = 13.5: r = ceil(3 sqrt(0.9 + sqrt(0.1))) = 4 reaches tile 1 (13.5 + 4 + 15 >= 32);
+    # without the max(0.1, .) term r would be 3 and pixel 16 (alpha ~0.03 there) would stay empty
+    cam = CAMS[0]
+    H, W, z = 20, 40, 1.5
+    f = H / (2 * math.tan(math.radians(FOVY) / 2))
+    s = math.sqrt(0.9 - 0.3) * z / f
+    mu = _place(cam, 13.5, 9.5, z, H, W)
+    scene = torch.cat([mu, torch.tensor([0.95, s, s, s, 1, 0, 0, 0, 0.1, 0.2, 0.9], dtype=torch.float64)])[None]
+    compare(scene, cam[None], H, W)
+    out = R.render_gaussians(scene[None], cam[None], FOVY, H, W)
+    assert out["alpha"][0, 0, 0, 9, 16] > 0.02
+
+
+@pytest.mark.parametrize("o", [0.7, 1.0])  # 1.0 hits the 0.99 alpha cap at the centre
+def test_render_single_isotropic_gaussian_closed_form(o):
     # Gaussian at the origin seen head-on from (0, 0, 1.5): 2D variance (f s / z)^2 + 0.3 (the dilation)
     H = W = 33
-    s, o, col = 0.03, 0.7, torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    s, col = 0.03, torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
     scene = torch.cat([torch.zeros(3, dtype=torch.float64), torch.tensor([o, s, s, s, 1, 0, 0, 0], dtype=torch.float64),
                        col])[None, None]
     for bg in (1.0, 0.0):
@@ -210,6 +235,7 @@ def test_render_single_isotropic_gaussian_closed_form():
         # without the +0.3 the closed form would be visibly different, so the test sees the dilation
         no_dil = o * torch.exp(-torch.tensor(4.0) / (2 * (var - 0.3)))
         assert abs(out["alpha"][0, 0, 0, 16, 18] - no_dil) > 1e-2
+        assert abs(out["alpha"][0, 0, 0, 16, 16] - min(o, 0.99)) < 1e-12
 
 
 def test_render_batched_and_float32_consistent():
@@ -336,6 +362,9 @@ def test_lgm_tiny_outputs_and_activations():
         g = model.reconstruct(views)
     cfg = model.config
     assert x.shape == (2, 4, 9, 64, 64)
+    rgb = F.interpolate(views.reshape(8, 3, 80, 80), size=(64, 64), mode="bilinear", align_corners=False)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet (spec B.2)
+    torch.testing.assert_close(x[:, :, :3], ((rgb - mean[:, None, None]) / std[:, None, None]).reshape(2, 4, 3, 64, 64))
     torch.testing.assert_close(x[0, :, 3:], R.plucker_rays(R.standard_cameras(), cfg.fovy, 64, 64))
     assert g.shape == (2, 4 * 32 * 32, 14) == (2, cfg.num_gaussians, 14)
     assert g[..., :3].abs().max() <= 1 and ((g[..., 3] > 0) & (g[..., 3] < 1)).all()
@@ -350,6 +379,72 @@ def test_lgm_tiny_outputs_and_activations():
     torch.testing.assert_close(g1[0], g[0], atol=1e-5, rtol=0)
     assert (g2[0, :1024] - g[0, :1024]).abs().max() > 1e-4  # view 0's Gaussians see view 3
     torch.testing.assert_close(g2[1], g[1], atol=1e-5, rtol=0)
+
+
+def functional_lgm(sd, cfg, x, swap_skips=False):
+    # spec B.3/B.4 written out with torch.nn.functional on the state dict only (independent of the modules)
+    def gn(h, p):
+        return F.group_norm(h, cfg.norm_groups, sd[p + ".weight"], sd[p + ".bias"], 1e-5)
+
+    def conv(h, p, stride=1):
+        w = sd[p + ".weight"]
+        return F.conv2d(h, w, sd[p + ".bias"], stride, w.shape[-1] // 2)
+
+    def res(h, p):
+        y = conv(F.silu(gn(h, p + ".norm1")), p + ".conv1")
+        y = conv(F.silu(gn(y, p + ".norm2")), p + ".conv2")
+        return (y + (conv(h, p + ".shortcut") if p + ".shortcut.weight" in sd else h)) * math.sqrt(0.5)
+
+    def attn(h, p):
+        if p + ".norm.weight" not in sd:
+            return h
+        BV, C, Hh, Ww = h.shape
+        y = gn(h, p + ".norm").reshape(BV // 4, 4, C, Hh, Ww).permute(0, 1, 3, 4, 2).reshape(BV // 4, -1, C)
+        q, k, v = (y @ sd[p + ".attn.qkv.weight"].T).reshape(BV // 4, -1, 3, cfg.num_heads, C // cfg.num_heads).unbind(2)
+        a = torch.softmax(torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(C // cfg.num_heads), -1)
+        o = torch.einsum("bhnm,bmhd->bnhd", a, v).reshape(BV // 4, -1, C) @ sd[p + ".attn.proj.weight"].T
+        o = (o + sd[p + ".attn.proj.bias"]).reshape(BV // 4, 4, Hh, Ww, C).permute(0, 1, 4, 2, 3).reshape(BV, C, Hh, Ww)
+        return (o + h) * math.sqrt(0.5)
+
+    L = cfg.layers_per_block
+    h = conv(x, "unet.conv_in")
+    skips = [h]
+    for i in range(len(cfg.down_channels)):
+        for j in range(L):
+            h = attn(res(h, f"unet.down_blocks.{i}.nets.{j}"), f"unet.down_blocks.{i}.attns.{j}")
+            skips.append(h)
+        if f"unet.down_blocks.{i}.downsample.weight" in sd:
+            h = conv(h, f"unet.down_blocks.{i}.downsample", stride=2)
+            skips.append(h)
+    h = res(attn(res(h, "unet.mid_block.nets.0"), "unet.mid_block.attns.0"), "unet.mid_block.nets.1")
+    if swap_skips:  # negative control: the two deepest skips in the wrong order
+        skips[-1], skips[-2] = skips[-2], skips[-1]
+    for i in range(len(cfg.up_channels)):
+        for j in range(L + 1):
+            h = res(torch.cat([h, skips.pop()], 1), f"unet.up_blocks.{i}.nets.{j}")
+            h = attn(h, f"unet.up_blocks.{i}.attns.{j}")
+        if f"unet.up_blocks.{i}.upsample.weight" in sd:
+            h = conv(F.interpolate(h, scale_factor=2, mode="nearest"), f"unet.up_blocks.{i}.upsample")
+    h = conv(conv(F.silu(gn(h, "unet.norm_out")), "unet.conv_out"), "conv")
+    B, s = x.shape[0] // 4, cfg.splat_size
+    h = h.reshape(B, 4, 14, s, s).permute(0, 1, 3, 4, 2).reshape(B, -1, 14)  # Gaussian = view, row, col
+    q = h[..., 7:11]
+    return torch.cat([h[..., :3].clamp(-1, 1), torch.sigmoid(h[..., 3:4]), 0.1 * F.softplus(h[..., 4:7]),
+                      q / q.norm(dim=-1, keepdim=True).clamp(min=1e-12), 0.5 * torch.tanh(h[..., 11:]) + 0.5], -1)
+
+
+def test_lgm_unet_matches_functional_spec():
+    model = _tiny(3).double()
+    sd = model.state_dict()
+    x = torch.randn(2, 4, 9, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        ours = model.conv(model.unet(x.reshape(8, 9, 64, 64)))
+        g = model.forward_gaussians(x)
+        ref = functional_lgm(sd, model.config, x.reshape(8, 9, 64, 64))
+        swapped = functional_lgm(sd, model.config, x.reshape(8, 9, 64, 64), swap_skips=True)
+    assert ours.shape == (8, 14, 32, 32)
+    torch.testing.assert_close(g.double(), ref, atol=1e-5, rtol=0)  # head runs in float32
+    assert (swapped - ref).abs().max() > 1e-3  # the comparison sees the skip wiring
 
 
 def test_mv_attention_matches_manual_softmax():
