@@ -80,6 +80,7 @@ def plucker_rays(c2w, fovy_deg, height, width):
 TILE = 16  # Inria's 16x16 tiles decide which Gaussians may touch which pixels (spec B.6 step 7)
 NEAR = 0.2  # hard-coded near cull of the rasterizer (spec B.6 step 1)
 ALPHA_MIN, ALPHA_MAX, T_MIN = 1.0 / 255.0, 0.99, 1e-4  # spec B.6 "Per pixel"
+LOG_ALPHA_MAX = math.log(ALPHA_MAX)
 
 
 @contextmanager
@@ -263,7 +264,8 @@ def render_gaussians(gaussians, c2w, fovy_deg, height, width, background=1.0, *,
         chunk = 64 if dev.type == "cuda" else 32
     chunk = min(int(chunk), max(8, max_chunk_elements // max(A * P, 1)))
     trans = torch.ones(A, P, dtype=dtype, device=dev)  # transmittance T carried across depth chunks
-    out = torch.zeros(A, 4, P, dtype=dtype, device=dev)  # per pixel: sum of w * rgb, sum of w
+    col = torch.zeros(A, 3, P, dtype=dtype, device=dev)  # per pixel: sum of w * rgb
+    acc = torch.zeros(A, P, dtype=dtype, device=dev)  # per pixel: sum of w (the alpha output)
     done = torch.zeros(A, dtype=torch.bool, device=dev)
     with _ieee_fp32_matmul():
         for c0 in range(0, int(bcount.max()) if A else 0, chunk):
@@ -275,9 +277,11 @@ def render_gaussians(gaussians, c2w, fovy_deg, height, width, background=1.0, *,
                 rows = torch.where(rank < bcount[sel, None], bstart[sel, None] + rank, pad_row)
             n = sel.numel()
             rows = table.index_select(0, rows.view(-1)).view(n, chunk, 9)
-            # alpha = min(0.99, opacity exp(power)), skipped (= 0) below 1/255.  (power > 0 cannot happen:
-            # conics that pass the det test are positive definite after the +0.3 dilation.)
-            alpha = torch.threshold(torch.exp(rows[..., :6] @ monomials).clamp(max=ALPHA_MAX), ALPHA_MIN, 0.0)
+            # alpha = min(0.99, opacity exp(power)) = exp(min(ln 0.99, power + ln opacity)), skipped (= 0) below
+            # 1/255.  The lower clamp at -20 (alpha 2e-9, skipped anyway) keeps exp off its slow underflow path.
+            # (power > 0 cannot happen: conics that pass the det test are positive definite after the +0.3.)
+            alpha = torch.exp((rows[..., :6] @ monomials).clamp(-20.0, LOG_ALPHA_MAX))
+            alpha = torch.threshold(alpha, ALPHA_MIN, 0.0)
             # T after each Gaussian; a Gaussian is blended iff T after it stays >= 1e-4 (threshold -> 0 if not).
             # T is non-increasing, so the blended set is a prefix: exactly the reference's early stop.
             # Pixels that stopped in an earlier chunk run with T = 0.
@@ -286,18 +290,19 @@ def render_gaussians(gaussians, c2w, fovy_deg, height, width, background=1.0, *,
             one_minus = 1.0 - alpha  # >= 0.01 thanks to the 0.99 cap, so dividing by it is safe
             t_incl = torch.threshold(torch.cumprod(one_minus, dim=1) * t_run[:, None, :], T_MIN, 0.0)
             w = t_incl * (alpha / one_minus)  # blending weights alpha_i T_i (T_i = T before Gaussian i), (n, C, P)
-            acc = w.sum(1)
+            w_sum = w.sum(1)
             # in-place accumulation is autograd-safe here: index_add_/index_copy_ never need the old values
-            out.index_add_(0, sel, torch.cat([torch.bmm(rows[..., 6:].transpose(1, 2), w), acc[:, None]], 1))
+            col.index_add_(0, sel, torch.bmm(rows[..., 6:].transpose(1, 2), w))
+            acc.index_add_(0, sel, w_sum)
             # T after the last blended Gaussian = T - its weights (frozen where the pixel had already stopped)
-            trans.index_copy_(0, sel, torch.where(was_stopped, t_sel, t_run - acc))
+            trans.index_copy_(0, sel, torch.where(was_stopped, t_sel, t_run - w_sum))
             with torch.no_grad():
                 now_stopped = t_incl[:, -1, :] == 0
                 stopped[sel] = now_stopped
                 done[sel] = now_stopped.all(1)
 
     # colour = sum w c + T_final * bg; blocks without any Gaussian are pure background (T = 1)
-    out = torch.cat([out[:, :3] + trans[:, None, :] * bg[None, :, None], out[:, 3:]], 1)
+    out = torch.cat([col + trans[:, None, :] * bg[None, :, None], acc[:, None]], 1)
     empty = torch.cat([bg, bg.new_zeros(1)])[None, :, None].expand(I * nblk, 4, P)
     full = empty.index_copy(0, blocks, out) if A else empty
     full = full.view(I, nby, nbx, 4, block, block).permute(0, 3, 1, 4, 2, 5).reshape(I, 4, nby * block, nbx * block)
@@ -602,6 +607,12 @@ def _check_state_dict(model, state, file):
                        + ". Use the checkpoint that belongs to this config (or pass the matching config=).")
 
 
+def _download_hint(repo, fname, local_dir):
+    # huggingface_hub >= 1.0 ships the `hf` CLI; older releases call it `huggingface-cli`
+    return (f"`hf download {repo} {fname} --local-dir {local_dir}` (older huggingface_hub: "
+            f"`huggingface-cli download {repo} {fname} --local-dir {local_dir}`)")
+
+
 def _resolve_checkpoint(path_or_hub_id):
     p = Path(path_or_hub_id)
     if p.is_file():
@@ -611,22 +622,21 @@ def _resolve_checkpoint(path_or_hub_id):
             if (p / name).is_file():
                 return p / name
         raise FileNotFoundError(f"LGM.from_pretrained: directory {p} contains none of {list(CHECKPOINT_NAMES)}; "
-                                f"download with `huggingface-cli download {DEFAULT_HUB_ID} {CHECKPOINT_NAMES[0]} "
-                                f"--local-dir {p}`")
+                                f"download LGM's weights into it with "
+                                f"{_download_hint(DEFAULT_HUB_ID, CHECKPOINT_NAMES[0], p)}")
     s = str(path_or_hub_id)
-    looks_local = s.endswith(".safetensors") or s.startswith((".", "/", "~")) or s.count("/") != 1 or os.sep in s.replace("/", "")
-    if looks_local:
+    if s.endswith(".safetensors") or s.startswith((".", "/", "~")) or s.count("/") != 1:
         raise FileNotFoundError(f"LGM.from_pretrained: no such file or directory: {s}")
     fname = CHECKPOINT_NAMES[0]
     try:
         from huggingface_hub import hf_hub_download
         return Path(hf_hub_download(repo_id=s, filename=fname))
-    except Exception as e:  # offline, no such repo, no access: one actionable message
+    except Exception as e:  # offline, no such repo, no access: one actionable message, no chained traceback
         raise FileNotFoundError(
-            f"LGM.from_pretrained: could not get {fname!r} from the Hugging Face Hub repo {s!r} "
-            f"({type(e).__name__}). Download it on a machine with internet access: "
-            f"`huggingface-cli download {s} {fname} --local-dir checkpoints/lgm`, copy checkpoints/lgm/ here "
-            f"and call LGM.from_pretrained('checkpoints/lgm')") from None
+            f"LGM.from_pretrained: {s!r} is not a local file or directory, and {fname!r} could not be fetched "
+            f"from the Hugging Face Hub repo {s!r} ({type(e).__name__}; offline?). On a machine with internet "
+            f"access run {_download_hint(s, fname, 'checkpoints/lgm')}, copy checkpoints/lgm/ into the "
+            f"working directory and call LGM.from_pretrained('checkpoints/lgm')") from None
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -529,7 +529,7 @@ def test_from_pretrained_missing_files(tmp_path, monkeypatch):
         R.LGM.from_pretrained("carve3d-test/no-such-lgm")
     msg = str(err.value)
     assert "carve3d-test/no-such-lgm" in msg and "model_fp16_fixrot.safetensors" in msg
-    assert "huggingface-cli download" in msg and "--local-dir" in msg
+    assert "hf download carve3d-test/no-such-lgm model_fp16_fixrot.safetensors --local-dir" in msg
     assert err.value.__cause__ is None and err.value.__suppress_context__  # one message, no chained traceback
 
 
