@@ -115,6 +115,10 @@ def _project(gaussians, c2w, tan_x, tan_y, height, width):
     Rw, tw = w2c[..., :3, :3], w2c[..., :3, 3]  # (B, V, 3, 3), (B, V, 3)
     p = torch.einsum("bvij,bnj->bvni", Rw, mean) + tw[:, :, None, :]  # camera-space means (B, V, N, 3)
     px, py, pz = p.unbind(-1)
+    valid = pz > NEAR
+    # culled Gaussians get z = 1 in the formulas below: their values are never used, and this keeps their
+    # (zero) gradients from turning into 0 * inf = NaN for a Gaussian exactly on the camera plane
+    pz = torch.where(valid, pz, torch.ones_like(pz))
     fx, fy = width / (2.0 * tan_x), height / (2.0 * tan_y)
     # screen mean through the projection matrix's w-divide, with its +1e-7 (spec B.6 step 2)
     u = ((px / (tan_x * (pz + 1e-7)) + 1.0) * width - 1.0) * 0.5
@@ -130,7 +134,7 @@ def _project(gaussians, c2w, tan_x, tan_y, height, width):
     cov2 = T @ cov3[:, None] @ T.transpose(-1, -2)
     a, b, c = cov2[..., 0, 0] + 0.3, cov2[..., 0, 1], cov2[..., 1, 1] + 0.3  # +0.3 low-pass dilation
     det = a * c - b * b
-    valid = (pz > NEAR) & (det != 0)
+    valid = valid & (det != 0)
     det_safe = torch.where(valid, det, torch.ones_like(det))
     conic = torch.stack([c / det_safe, -b / det_safe, a / det_safe], -1)
     # Inria's bounding radius: 3 sqrt of the larger eigenvalue with its max(0.1, .) guard (step 6)
@@ -250,7 +254,7 @@ def render_gaussians(gaussians, c2w, fovy_deg, height, width, background=1.0, *,
     # centre, so each depth chunk needs one small matmul instead of a dozen elementwise passes:
     # with d = (du - lx, dv - ly), power = a d_x^2 + b d_x d_y + c d_y^2 and (a, b, c) = -(A/2, B, C/2).
     per_gauss = torch.cat([g["u"][:, None], g["v"][:, None], g["conic"] * g["conic"].new_tensor([-0.5, -1.0, -0.5]),
-                           torch.log(g["opacity"])[:, None], g["rgb"]], -1)  # (I*N, 9)
+                           torch.log(g["opacity"].clamp(min=1e-30))[:, None], g["rgb"]], -1)  # (I*N, 9)
     pg = per_gauss.index_select(0, gid)
     du, dv = pg[:, 0] - centre[:, 0], pg[:, 1] - centre[:, 1]
     a, b, c = pg[:, 2], pg[:, 3], pg[:, 4]

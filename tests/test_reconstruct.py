@@ -266,6 +266,17 @@ def test_render_gradcheck():
     assert torch.autograd.gradcheck(fn, parts, eps=1e-6, atol=1e-6, fast_mode=True)
 
 
+def test_render_gradients_finite_for_culled_gaussians():
+    # a Gaussian exactly on camera 0's plane (z = 0) and one with opacity 0 must not poison the gradients
+    scene = random_scene(torch.Generator().manual_seed(6), 6)
+    scene[0, :3] = torch.tensor([0.3, 0.1, 1.5])
+    scene[1, 3] = 0.0
+    scene.requires_grad_(True)
+    out = R.render_gaussians(scene[None], CAMS[:2], FOVY, 12, 12)
+    (out["image"].sum() + out["alpha"].sum()).backward()
+    assert torch.isfinite(scene.grad).all() and scene.grad[2:].abs().sum() > 0
+
+
 def test_render_rejects_bad_input():
     good = random_scene(torch.Generator().manual_seed(5), 4)[None]
     with pytest.raises(ValueError, match="gaussians"):
