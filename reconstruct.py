@@ -233,8 +233,10 @@ def render_gaussians(gaussians, c2w, fovy_deg, height, width, background=1.0, *,
         k = torch.arange(gid.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
         geo = torch.stack([bx0, by0, bx1 - bx0 + 1], -1).index_select(0, gid)  # rect origin and width per pair
         bid = (gid // N) * nblk + (geo[:, 1] + k // geo[:, 2]) * nbx + (geo[:, 0] + k % geo[:, 2])
+        del k, geo  # the pair arrays dominate memory at 512 px: free temporaries early
         bid, perm = torch.sort(bid, stable=True)
         gid = gid.index_select(0, perm)
+        del perm
         blocks, bcount = torch.unique_consecutive(bid, return_counts=True)  # blocks with >= 1 Gaussian
         bstart = torch.cumsum(bcount, 0) - bcount
         A = blocks.numel()
@@ -249,6 +251,7 @@ def render_gaussians(gaussians, c2w, fovy_deg, height, width, background=1.0, *,
         stopped = ((cx[:, None] + lx) >= width) | ((cy[:, None] + ly) >= height)  # (A, P)
         rem = bid % nblk
         centre = torch.stack([(rem % nbx) * block, (rem // nbx) * block], -1).to(dtype) + half  # per pair
+        del rem, bid
 
     # Per pair, power + ln(opacity) is a quadratic polynomial in the pixel offset (lx, ly) from the block
     # centre, so each depth chunk needs one small matmul instead of a dozen elementwise passes:
@@ -263,6 +266,7 @@ def render_gaussians(gaussians, c2w, fovy_deg, height, width, background=1.0, *,
     # one extra row for the padding slots of the last chunk of a block: exp(-1e4) = 0 -> skipped
     table = torch.cat([torch.cat([coef, pg[:, 6:]], -1), coef.new_tensor([[-1e4] + [0.0] * 8])])
     pad_row = table.shape[0] - 1
+    del pg, du, dv, a, b, c, coef, centre, gid
 
     if chunk is None:
         chunk = 64 if dev.type == "cuda" else 32

@@ -310,7 +310,6 @@ def test_plucker_rays_spec_values():
 def test_orbit_camera_convention():
     for e, a, r in [(0, 0, 1.5), (30, 45, 1.5), (-60, 200, 2.0), (15, 270, 1.0)]:
         c2w = R.orbit_camera(e, a, r).double()
-        assert c2w.dtype == torch.float64 or True
         er, ar = math.radians(e), math.radians(a)
         pos = torch.tensor([r * math.cos(er) * math.sin(ar), -r * math.sin(er), r * math.cos(er) * math.cos(ar)],
                            dtype=torch.float64)
