@@ -407,7 +407,8 @@ def _read_weights(path):
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    import zipfile
+    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))  # mmap: no 2nd copy
     return sd.get("state_dict", sd)
 
 
@@ -431,7 +432,8 @@ class MVDreamPolicy(nn.Module):
             self.latent_shape = (12, image_size // 2, image_size // 2)
         else:
             self.latent_shape = (vae.config.latent_channels, image_size // 8, image_size // 8)
-        self.register_buffer("cameras", get_camera(self.num_views, elevation), persistent=False)
+        self.register_buffer("cameras", get_camera(self.num_views, elevation).to(unet.conv_in.weight.device),
+                             persistent=False)
         self.register_buffer("negative_embeds", self.encode_prompts([""]), persistent=False)  # spec A.5: "" uncond
         self.lora_config = None
 
@@ -706,12 +708,12 @@ class MVDreamPolicy(nn.Module):
     def _from_saved(cls, path, device, dtype):
         from safetensors.torch import load_file
         config = json.loads((path / "mvdream_config.json").read_text())
-        policy = cls.from_config(config)
+        policy = cls.from_config(config, device=device, dtype=dtype)
         policy.load_state_dict(load_file(path / "model.safetensors"), strict=True)
-        policy.register_buffer("negative_embeds", policy.encode_prompts([""]), persistent=False)
+        policy.negative_embeds = policy.encode_prompts([""])  # of the loaded text encoder
         if (path / cls.LORA_FILE).exists():
             policy.load_lora(path / cls.LORA_FILE)
-        return policy.to(device=device, dtype=dtype)
+        return policy
 
 
 if __name__ == "__main__":

@@ -75,7 +75,8 @@ def sample_trajectories(policy, prompts, *, num_steps, guidance_scale, eta=1.0, 
         initial_noise = torch.randn((B, V) + shape, generator=generator, device=gen_device)
     elif tuple(initial_noise.shape) != (B, V) + shape:
         raise ValueError(f"initial_noise must be {(B, V) + shape}, got {tuple(initial_noise.shape)}")
-    x = initial_noise.to(device, torch.float32) * policy.scheduler.init_noise_sigma
+    initial_noise = initial_noise.to(device, torch.float32)
+    x = initial_noise * policy.scheduler.init_noise_sigma  # = 1 for DDIM
 
     prompt_embeds = policy.encode_prompts(prompts)
     policy.scheduler.set_timesteps(num_steps, device=device)

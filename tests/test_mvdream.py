@@ -132,6 +132,21 @@ def test_processor_rejects_partial_objects():
         MultiViewAttnProcessor(4)(attn, torch.randn(6, 5, 32))
 
 
+def test_full_size_policy_on_meta():
+    # random_init builds every module and buffer on the requested device (here meta: no memory, no compute)
+    from torch.utils.flop_counter import FlopCounterMode
+    policy = MVDreamPolicy.random_init("sd21-4view", device="meta", dtype=torch.bfloat16)
+    assert all(t.is_meta for t in list(policy.parameters()) + list(policy.buffers()))
+    assert policy.latent_shape == (4, 32, 32) and policy.negative_embeds.shape == (1, 77, 1024)
+    x = torch.empty(1, 4, 4, 32, 32, device="meta")
+    emb = policy.encode_prompts(["a red cube"])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        eps = policy(x, torch.full((1,), 500, device="meta"), emb, 1.0)
+    assert eps.shape == x.shape
+    assert abs(counter.get_total_flops() / 1e9 - 816.2) < 0.5  # anchors.md Sec. 3.2 (4 views, joint attention)
+    assert policy.decode(x).shape == (1, 4, 3, 256, 256)
+
+
 def test_full_size_unet_config_on_meta():
     unet = _meta(lambda: mvdream_unet("sd21-4view"))
     assert sum(p.numel() for p in unet.parameters()) == 867_572_164  # spec A.1
