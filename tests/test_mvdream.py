@@ -15,6 +15,16 @@ KEYS_FILE = Path("/work/shared/reference/mvdream_unet_keys.txt")
 VOCAB = ["a", "red", "blue", "green", "cube", "ball", "with", "on", "its", "top"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These tests are tiny; on a shared 2-core machine, 2 OpenMP threads spin-waiting against other jobs made
+    # them ~10x slower (measured 120 s vs 14 s). Results do not depend on the thread count.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _meta(build):
     with torch.device("meta"):
         return build()
