@@ -66,7 +66,8 @@ def test_parse_round_trip():
         assert toy.format_prompt(parsed) == p
     parsed = toy.parse_prompt("a red cube with a blue ball on its left")
     assert parsed == toy.ToyPrompt("red", "cube", "blue", "ball", "left")
-    assert toy.parse_prompt("a green cone") == toy.ToyPrompt("green", "cone") and not toy.parse_prompt("a green cone").has_part
+    assert toy.parse_prompt("a green cone") == toy.ToyPrompt("green", "cone")
+    assert not toy.parse_prompt("a green cone").has_part
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -128,8 +129,8 @@ def test_sides_match_mvdream_view_0_camera():
     assert torch.allclose(-towards_camera, torch.tensor(toy.SIDE_DIRECTIONS["back"]), atol=1e-6)
     # and the part's Gaussians really sit on that side in view 0's camera frame (elevation 15)
     c2w = reconstruct.mvdream_view_cameras(toy.TOY.elevation, toy.TOY.radius)[0]
-    for side in toy.SIDES:
-        g = toy.make_object(f"a green cube with a red ball on its {side}", gen(5))
+    for side, seed in ((s, seed) for s in toy.SIDES for seed in range(10)):    # any size, offset and yaw
+        g = toy.make_object(f"a green cube with a red ball on its {side}", gen(seed))
         main, part = g[: toy.N_MAIN, :3].mean(0), g[toy.N_MAIN:, :3][g[toy.N_MAIN:, 3] > 0].mean(0)
         cam = lambda x: (x - c2w[:3, 3]) @ c2w[:3, :3]  # noqa: E731  (x right, y up, z towards the viewer)
         d = cam(part) - cam(main)
@@ -223,7 +224,8 @@ def test_fidelity_high_for_ground_truth(gt_views):
 
 def test_fidelity_low_for_wrong_colour_wrong_side_and_blank(gt_views):
     right = toy.fidelity(gt_views, FID_PROMPTS)
-    wrong_colour = toy.fidelity(gt_views, ["a red cube with a green ball on its left", "a blue cone with a purple cube on its top",
+    wrong_colour = toy.fidelity(gt_views, ["a red cube with a green ball on its left",      # part colour
+                                           "a blue cone with a purple cube on its top",     # main colour
                                            "a purple ball"])
     assert (wrong_colour < 0.5).all() and (wrong_colour < right - 0.3).all()
     swapped = toy.fidelity(gt_views[:1], ["a blue cube with a red ball on its left"])    # main colour must dominate
