@@ -110,6 +110,26 @@ def sample_trajectories(policy, prompts, *, num_steps, guidance_scale, eta=1.0, 
     return out
 
 
+def save_grid(path, views, captions):
+    # Rows of 4 views (B, V, 3, H, W) in [0, 1], each row captioned (e.g. "prompt | reward"): the picture
+    # that train.py, sft.py and evaluate.py write of a batch of samples.
+    import os
+
+    from PIL import Image, ImageDraw
+    views = (views.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
+    n, v, h, w, _ = views.shape
+    cap = 12
+    canvas = Image.new("RGB", (v * w, n * (h + cap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i in range(n):
+        for j in range(v):
+            canvas.paste(Image.fromarray(views[i, j]), (j * w, i * (h + cap) + cap))
+        draw.text((2, i * (h + cap)), str(captions[i])[: max(8, v * w // 6)], fill=(0, 0, 0))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    canvas.save(path)
+    return path
+
+
 if __name__ == "__main__":
     # Demo: toy-size trajectory; shows the per-step log-probs and the reference gap at init (0 with LoRA up = 0).
     import time

@@ -121,7 +121,6 @@ def main():
         sdpa = sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[args.sdpa])
     guidance = 7.5
-    repeats = 1 if args.quick else 3
 
     peak, peak_what = matmul_peak(device, args.quick)
     C, h, w = policy.latent_shape
@@ -164,7 +163,7 @@ def main():
                     sample_trajectories(policy, prompts(B), num_steps=n, guidance_scale=guidance, generator=g,
                                         with_reference=ref)
             run(2)  # warm-up (and compilation) at the same shapes
-            sec, mem = timed(lambda: run(steps), device, repeats=repeats, warmup=0)
+            sec, mem = timed(lambda: run(steps), device, repeats=1, warmup=0)  # one long run is enough
             flops = B * (steps * fwd_flops * (2 if ref else 1) + dec_flops)
             print(f"{B:>8} {'yes' if ref else 'no':>4} {sec:>8.2f} {sec / B:>9.3f} {rate_str(flops / sec, device):>8} "
                   f"{flops / sec / peak:>8.1%} {mem:>9.2f}")
