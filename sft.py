@@ -35,6 +35,7 @@ import toy
 # Data: a bank of procedural objects (Gaussians) and their 4 standard views, made once per run.
 
 def _object(args):
+    torch.set_num_threads(1)  # many small workers, not many threads each
     seed, index, prompt = args
     return toy.make_object(prompt, torch.Generator().manual_seed(seed * 1_000_003 + index))
 

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from sample import save_grid
+
 
 # ----------------------------------------------------------------------------------------------
 # Config: one flat dataclass, one comment per field (YAML keys have the same names).
@@ -402,22 +404,6 @@ class Logger:
         if self.active:
             self.jsonl.close()
             self.tb.close()
-
-
-def save_grid(path, views, captions):
-    """Rows of 4 views, each row captioned 'prompt | reward'."""
-    from PIL import Image, ImageDraw
-    views = (views.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
-    n, v, h, w, _ = views.shape
-    cap = 12
-    canvas = Image.new("RGB", (v * w, n * (h + cap)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i in range(n):
-        for j in range(v):
-            canvas.paste(Image.fromarray(views[i, j]), (j * w, i * (h + cap) + cap))
-        draw.text((2, i * (h + cap)), captions[i][: max(8, v * w // 6)], fill=(0, 0, 0))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    canvas.save(path)
 
 
 # ----------------------------------------------------------------------------------------------
