@@ -33,9 +33,11 @@ from transformers import CLIPTextConfig, CLIPTextModel
 # "tiny": the toy world's model. It works in pixel space: a 64x64x3 image in [-1,1] is pixel-unshuffled
 # (space-to-depth, factor 2) into a 12x32x32 "latent" (lossless), so the UNet runs at 32x32 like the real
 # one runs on 4x32x32 VAE latents. Sized for a hard CPU budget: one CFG forward for 8 prompts x 4 views
-# (batch 64) <= ~110 ms on a 2-core CPU. At 32x32 the convolutions dominate, so the top level is thin
-# (16 ch) and attention (multi-view + text) sits only at 8x8 and 4x4, where 4 views x 64 tokens are cheap.
-# Measured numbers: bench/sample.py. Head dim 16 (heads = width / 16).
+# (batch 64) <= ~110 ms on a 2-core CPU. Half of that time goes to the convolutions at 32x32 (thin
+# channel counts run far below peak), so the two top levels are thin (16 ch) and the width sits at 8x8 and
+# 4x4 (48, 64 ch), which carry the attention (multi-view + text; 4 views x 64 tokens at 8x8 are cheap).
+# Head dim 16. Measured in one run (batch 64, no grad, 2 threads): this config 100 ms; widths
+# (16,24,48,64) 120 ms; (32,48,64) with attention at 8x8 only 241 ms. bench/sample.py times the policy.
 UNET_CONFIGS = {
     "sd21-4view": dict(
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
@@ -48,10 +50,10 @@ UNET_CONFIGS = {
     ),
     "tiny": dict(
         sample_size=32, in_channels=12, out_channels=12, layers_per_block=1,
-        block_out_channels=(16, 24, 48, 64),
+        block_out_channels=(16, 16, 48, 64),
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=(1, 2, 3, 4), use_linear_projection=True,
+        cross_attention_dim=64, attention_head_dim=(1, 1, 3, 4), use_linear_projection=True,
         flip_sin_to_cos=True, freq_shift=0, norm_num_groups=8, norm_eps=1e-5, act_fn="silu",
         class_embed_type="projection", projection_class_embeddings_input_dim=16,
     ),
@@ -455,6 +457,10 @@ class MVDreamPolicy(nn.Module):
         ids = self.tokenize(prompts).to(self.text_encoder.device)
         return self.text_encoder(ids).last_hidden_state  # after the final LayerNorm (spec A.5)
 
+    def refresh_negative_embeds(self):
+        # Call after the text encoder's weights change (loading, SFT): the cache is not a parameter.
+        self.negative_embeds = self.encode_prompts([""])
+
     # --- the CFG noise prediction (spec A.5): [uncond; cond] in one UNet call, views contiguous ------------
     def forward(self, latents, timesteps, prompt_embeds, guidance_scale):
         B, V = latents.shape[:2]
@@ -710,7 +716,7 @@ class MVDreamPolicy(nn.Module):
         config = json.loads((path / "mvdream_config.json").read_text())
         policy = cls.from_config(config, device=device, dtype=dtype)
         policy.load_state_dict(load_file(path / "model.safetensors"), strict=True)
-        policy.negative_embeds = policy.encode_prompts([""])  # of the loaded text encoder
+        policy.refresh_negative_embeds()
         if (path / cls.LORA_FILE).exists():
             policy.load_lora(path / cls.LORA_FILE)
         return policy

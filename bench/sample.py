@@ -138,19 +138,21 @@ def main():
     print(f"options: compile={args.compile} channels_last={args.channels_last} sdpa={args.sdpa} "
           f"weights={args.weights if cuda else 'fp32'} lora={not args.no_lora} steps={steps} guidance={guidance}")
 
-    print("\nUNet CFG forward (no grad)")
-    print(f"{'prompts':>8} {'images':>7} {'ms':>9} {unit:>8} {'of peak':>8} {'peak GiB':>9}")
+    print("\nPolicy CFG forward = one UNet call on 2 x 4 images per prompt (no grad)")
+    print(f"{'prompts':>8} {'images':>7} {'adapters':>9} {'ms':>9} {unit:>8} {'of peak':>8} {'peak GiB':>9}")
     for B in batches:
         x = torch.randn(B, 4, C, h, w, device=device)
         t = torch.full((B,), 500, device=device)
         e = policy.encode_prompts(prompts(B))
-
-        def fwd():
-            with torch.no_grad(), autocast(), sdpa:
-                policy(x, t, e, guidance)
-        sec, mem = timed(fwd, device, repeats=3 if args.quick else 10, warmup=2)
-        rate = B * fwd_flops / sec
-        print(f"{B:>8} {B * 8:>7} {sec * 1e3:>9.1f} {rate_str(rate, device):>8} {rate / peak:>8.1%} {mem:>9.2f}")
+        for adapters in ((True, False) if not args.no_lora else (False,)):
+            def fwd():
+                with torch.no_grad(), autocast(), sdpa, (contextlib.nullcontext() if adapters
+                                                         else policy.disable_adapters()):
+                    policy(x, t, e, guidance)
+            sec, mem = timed(fwd, device, repeats=3 if args.quick else 10, warmup=2)
+            rate = B * fwd_flops / sec
+            print(f"{B:>8} {B * 8:>7} {'on' if adapters else 'off':>9} {sec * 1e3:>9.1f} {rate_str(rate, device):>8} "
+                  f"{rate / peak:>8.1%} {mem:>9.2f}")
 
     print(f"\nWhole trajectory: {steps} steps, CFG, decode (sample_trajectories)")
     print(f"{'prompts':>8} {'ref':>4} {'s total':>8} {'s/prompt':>9} {unit:>8} {'of peak':>8} {'peak GiB':>9}")
