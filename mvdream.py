@@ -570,8 +570,10 @@ class MVDreamPolicy(nn.Module):
                 header = (f.metadata() or {}).get("lora_adapter_metadata")
             if header:
                 metadata = {k.removeprefix("unet."): v for k, v in json.loads(header).items()}
-        if not all(k.startswith("unet.") for k in sd):
-            raise KeyError(f"load_lora: expected only 'unet.'-prefixed peft keys, got [{_few([k for k in sd if not k.startswith('unet.')])}]")
+        foreign = [k for k in sd if not k.startswith("unet.")]
+        if foreign:
+            raise KeyError(f"load_lora: expected only 'unet.'-prefixed peft keys (lora_state_dict's format), "
+                           f"got [{_few(foreign)}]")
         sd = {k.removeprefix("unet."): v for k, v in sd.items()}
         if self.lora_config is None:  # fresh policy: rebuild the adapter from the file
             ranks = {v.shape[0] for k, v in sd.items() if "lora_A" in k}
@@ -591,12 +593,9 @@ class MVDreamPolicy(nn.Module):
             bad = [k for k in set(expected) & set(got) if expected[k] != got[k]]
             raise KeyError(f"load_lora: adapter keys do not match: missing [{_few(set(expected) - set(got))}]; "
                            f"unexpected [{_few(set(got) - set(expected))}]; shape mismatches [{_few(bad)}]")
-        result = set_peft_model_state_dict(self.unet, sd)
+        result = set_peft_model_state_dict(self.unet, sd)  # copies into the existing (fp32) parameters
         if result.unexpected_keys:
             raise KeyError(f"load_lora: peft did not place [{_few(result.unexpected_keys)}]")
-        for name, p in self.unet.named_parameters():
-            if "lora_" in name:
-                p.data = p.data.float()
 
     # --- constructors ------------------------------------------------------------------------------
     @classmethod
@@ -616,7 +615,9 @@ class MVDreamPolicy(nn.Module):
             unet = mvdream_unet(config["unet"])
             text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
             vae = AutoencoderKL(**config["vae"]) if config.get("vae") else None
-        policy = cls(unet.to(dtype), text_encoder.to(dtype), tokenizer, vae.to(dtype) if vae is not None else None,
+        if dtype != torch.float32:  # (a no-op cast still makes diffusers warn about fp32 modules)
+            unet, text_encoder, vae = (m.to(dtype) if m is not None else None for m in (unet, text_encoder, vae))
+        policy = cls(unet, text_encoder, tokenizer, vae,
                      image_size=config["image_size"], elevation=config["elevation"], config=config)
         return policy.eval()
 
