@@ -404,6 +404,15 @@ def _load_clip_tokenizer(tokenizer, local_files_only):
                             "CLIPTokenizer was found; pass tokenizer=<folder>. " + _WHAT_TO_DOWNLOAD)
 
 
+def _from_pretrained_strict(model_class, folder):
+    # diffusers/transformers only warn about missing or unexpected keys; here that is an error.
+    model, info = model_class.from_pretrained(folder, output_loading_info=True)
+    bad = {k: sorted(map(str, info.get(k) or [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(bad.values()):
+        raise KeyError(f"MVDreamPolicy.from_pretrained: {folder} does not match {model_class.__name__}: {bad}")
+    return model
+
+
 def _read_weights(path):
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -691,8 +700,8 @@ class MVDreamPolicy(nn.Module):
             raise FileNotFoundError(f"MVDreamPolicy.from_pretrained: {path} is not an MVDream diffusers-port folder "
                                     f"(missing {need or 'unet/diffusion_pytorch_model.safetensors'}). " + _WHAT_TO_DOWNLOAD)
         unet_sd = convert_mvdream_checkpoint(_read_weights(weights[0]))["unet"]
-        vae = AutoencoderKL.from_pretrained(path / "vae")
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
+        vae = _from_pretrained_strict(AutoencoderKL, path / "vae")
+        text_encoder = _from_pretrained_strict(CLIPTextModel, path / "text_encoder")
         tok = CLIPTokenizer.from_pretrained(tokenizer or path / "tokenizer")
         # The port's scheduler/ holds the same DDIM config as make_scheduler() (spec A.5); we use ours.
         return cls._paper_policy(unet_sd, vae, text_encoder, tok, elevation, device, dtype)

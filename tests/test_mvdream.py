@@ -476,6 +476,20 @@ def test_save_pretrained_round_trip(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # Missing weights
 
+def test_port_folder_parts_load_strictly(tmp_path):
+    # The port's vae/ and text_encoder/ go through from_pretrained, which only warns on missing keys.
+    from safetensors.torch import load_file, save_file
+    text = CLIPTextModel(CLIPTextConfig(**mvdream.tiny_text_config(20, 16)))
+    text.save_pretrained(tmp_path)
+    loaded = mvdream._from_pretrained_strict(CLIPTextModel, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(text.state_dict().values(), loaded.state_dict().values()))
+    sd = load_file(tmp_path / "model.safetensors")
+    sd.pop(next(k for k in sd if "final_layer_norm.weight" in k))
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(KeyError, match="final_layer_norm"):
+        mvdream._from_pretrained_strict(CLIPTextModel, tmp_path)
+
+
 def test_from_pretrained_offline_names_what_to_download(tmp_path):
     with pytest.raises(FileNotFoundError, match="sd-v2.1-base-4view.pt"):
         MVDreamPolicy.from_pretrained("MVDream/MVDream", local_files_only=True)
