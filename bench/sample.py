@@ -113,13 +113,12 @@ def main():
     policy.eval()
     if args.channels_last:
         policy.unet.to(memory_format=torch.channels_last)
-    if args.compile != "none":
-        policy.unet.compile(mode=None if args.compile == "default" else args.compile)
-    sdpa = contextlib.nullcontext()
+    sdpa = contextlib.nullcontext  # a factory: sdpa_kernel's context manager is single-use
     if args.sdpa != "auto":
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        sdpa = sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[args.sdpa])
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[args.sdpa]
+        sdpa = lambda: sdpa_kernel(backend)  # noqa: E731
     guidance = 7.5
 
     peak, peak_what = matmul_peak(device, args.quick)
@@ -127,9 +126,11 @@ def main():
     x1 = torch.randn(1, 4, C, h, w, device=device)
     t1 = torch.full((1,), 500, device=device)
     e1 = policy.encode_prompts(prompts(1))
-    with autocast(), sdpa:
+    with autocast(), sdpa():
         fwd_flops = count_flops(lambda: policy(x1, t1, e1, guidance))  # one prompt, CFG (2 x 4 views)
         dec_flops = count_flops(lambda: policy.decode(x1))
+    if args.compile != "none":  # after counting: FlopCounterMode needs the eager ops
+        policy.unet.compile(mode=None if args.compile == "default" else args.compile)
     unit = "TFLOP/s" if cuda else "GFLOP/s"
     n_params = sum(p.numel() for p in policy.unet.parameters() if not p.requires_grad)
     print(f"{what}; {device} {torch.cuda.get_device_name(device) if cuda else ''}")
@@ -146,7 +147,7 @@ def main():
         e = policy.encode_prompts(prompts(B))
         for adapters in ((True, False) if not args.no_lora else (False,)):
             def fwd():
-                with torch.no_grad(), autocast(), sdpa, (contextlib.nullcontext() if adapters
+                with torch.no_grad(), autocast(), sdpa(), (contextlib.nullcontext() if adapters
                                                          else policy.disable_adapters()):
                     policy(x, t, e, guidance)
             sec, mem = timed(fwd, device, repeats=3 if args.quick else 10, warmup=2)
@@ -161,7 +162,7 @@ def main():
             g = torch.Generator(device).manual_seed(0)
 
             def run(n):
-                with autocast(), sdpa:
+                with autocast(), sdpa():
                     sample_trajectories(policy, prompts(B), num_steps=n, guidance_scale=guidance, generator=g,
                                         with_reference=ref)
             run(2)  # warm-up (and compilation) at the same shapes
