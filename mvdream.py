@@ -288,8 +288,9 @@ def _convert_unet(unet_sd, unet_config):
         if k not in unet_sd:
             raise KeyError(f"convert_mvdream_checkpoint: UNet key {k!r} missing: MVDream's camera MLP (spec A.2) "
                            "is not in this checkpoint (a plain SD UNet?)")
-    renamed = {LDM_UNET_PREFIX + k.replace("camera_embed.0.", "label_emb.0.0.").replace("camera_embed.2.", "label_emb.0.2."): v
-               for k, v in unet_sd.items()}
+    def rename(k):
+        return LDM_UNET_PREFIX + k.replace("camera_embed.0.", "label_emb.0.0.").replace("camera_embed.2.", "label_emb.0.2.")
+    renamed = {rename(k): v for k, v in unet_sd.items()}
     kwargs = _unet_kwargs(unet_config)
     out = convert_ldm_unet_checkpoint(renamed, {"layers_per_block": kwargs["layers_per_block"],
                                                 "class_embed_type": "projection"})
