@@ -289,7 +289,8 @@ def _convert_unet(unet_sd, unet_config):
             raise KeyError(f"convert_mvdream_checkpoint: UNet key {k!r} missing: MVDream's camera MLP (spec A.2) "
                            "is not in this checkpoint (a plain SD UNet?)")
     def rename(k):
-        return LDM_UNET_PREFIX + k.replace("camera_embed.0.", "label_emb.0.0.").replace("camera_embed.2.", "label_emb.0.2.")
+        k = k.replace("camera_embed.0.", "label_emb.0.0.").replace("camera_embed.2.", "label_emb.0.2.")
+        return LDM_UNET_PREFIX + k
     renamed = {rename(k): v for k, v in unet_sd.items()}
     kwargs = _unet_kwargs(unet_config)
     out = convert_ldm_unet_checkpoint(renamed, {"layers_per_block": kwargs["layers_per_block"],
@@ -485,7 +486,8 @@ class MVDreamPolicy(nn.Module):
         cfg = guidance_scale != 1.0  # s = 1 is the conditional prediction alone: skip the uncond half
         if cfg:
             uncond = self.negative_embeds.to(dtype).expand(B * V, -1, -1)
-            x, t, context, cams = torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, context]), torch.cat([cams, cams])
+            x, t, cams = torch.cat([x, x]), torch.cat([t, t]), torch.cat([cams, cams])
+            context = torch.cat([uncond, context])
         eps = self.unet(x, t, encoder_hidden_states=context, class_labels=cams).sample
         if cfg:
             eps_uncond, eps_cond = eps.chunk(2)
@@ -699,7 +701,8 @@ class MVDreamPolicy(nn.Module):
             sorted((path / "unet").glob("diffusion_pytorch_model*.bin"))
         if need or not weights:
             raise FileNotFoundError(f"MVDreamPolicy.from_pretrained: {path} is not an MVDream diffusers-port folder "
-                                    f"(missing {need or 'unet/diffusion_pytorch_model.safetensors'}). " + _WHAT_TO_DOWNLOAD)
+                                    f"(missing {need or 'unet/diffusion_pytorch_model.safetensors'}). "
+                                    + _WHAT_TO_DOWNLOAD)
         unet_sd = convert_mvdream_checkpoint(_read_weights(weights[0]))["unet"]
         vae = _from_pretrained_strict(AutoencoderKL, path / "vae")
         text_encoder = _from_pretrained_strict(CLIPTextModel, path / "text_encoder")
@@ -711,7 +714,8 @@ class MVDreamPolicy(nn.Module):
     def save_pretrained(self, directory):
         from safetensors.torch import save_file
         if self.config is None or self.config["tokenizer"]["type"] == "clip":
-            raise ValueError("save_pretrained is for toy/random policies; ship a paper-setup run as its LoRA (save_lora)")
+            raise ValueError("save_pretrained is for toy/random policies; "
+                             "ship a paper-setup run as its LoRA (save_lora)")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         base = {k.replace(".base_layer", ""): v.detach().cpu().contiguous()

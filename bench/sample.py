@@ -135,7 +135,8 @@ def main():
     n_params = sum(p.numel() for p in policy.unet.parameters() if not p.requires_grad)
     print(f"{what}; {device} {torch.cuda.get_device_name(device) if cuda else ''}")
     print(f"UNet {n_params / 1e6:.1f} M frozen params; CFG forward per prompt (8 images): {fwd_flops / 1e9:.1f} GFLOP; "
-          f"decode per prompt: {dec_flops / 1e9:.1f} GFLOP; measured peak ({peak_what}): {rate_str(peak, device)} {unit}")
+          f"decode per prompt: {dec_flops / 1e9:.1f} GFLOP; "
+          f"measured peak ({peak_what}): {rate_str(peak, device)} {unit}")
     print(f"options: compile={args.compile} channels_last={args.channels_last} sdpa={args.sdpa} "
           f"weights={args.weights if cuda else 'fp32'} lora={not args.no_lora} steps={steps} guidance={guidance}")
 

@@ -54,7 +54,8 @@ def test_eta1_sample_matches_diffusers_and_logprob_matches_normal():
         ti = int(t[i])
         # diffusers' own step with the same noise (variance_noise) and with zero noise (= the mean)
         ref = s.step(eps[i:i + 1], ti, x[i:i + 1], eta=1.0, variance_noise=noise[i:i + 1]).prev_sample
-        mean = s.step(eps[i:i + 1], ti, x[i:i + 1], eta=1.0, variance_noise=torch.zeros_like(noise[i:i + 1])).prev_sample
+        zero = torch.zeros_like(noise[i:i + 1])
+        mean = s.step(eps[i:i + 1], ti, x[i:i + 1], eta=1.0, variance_noise=zero).prev_sample
         std = s._get_variance(ti, ti - 1000 // 20).sqrt()
         torch.testing.assert_close(ours[i:i + 1], ref, atol=1e-5, rtol=1e-5)
         want = torch.distributions.Normal(mean.double(), std.double()).log_prob(ours[i:i + 1].double()).mean()
@@ -162,9 +163,11 @@ def test_replay_with_trained_lora_and_reference_differs():
 
 
 def test_sampling_is_deterministic_given_the_generator(policy):
-    a = sample_trajectories(policy, PROMPTS[:1], num_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(7))
-    b = sample_trajectories(policy, PROMPTS[:1], num_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(7))
-    c = sample_trajectories(policy, PROMPTS[:1], num_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(8))
+    def run(seed):
+        return sample_trajectories(policy, PROMPTS[:1], num_steps=2, guidance_scale=3.0,
+                                   generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(7), run(7), run(8)
     assert torch.equal(a["next_latents"], b["next_latents"]) and not torch.equal(a["next_latents"], c["next_latents"])
     with pytest.raises(ValueError, match="initial_noise"):
-        sample_trajectories(policy, PROMPTS, num_steps=2, guidance_scale=3.0, initial_noise=torch.zeros(1, 4, 12, 32, 32))
+        sample_trajectories(policy, PROMPTS, num_steps=2, guidance_scale=3.0,
+                            initial_noise=torch.zeros(1, 4, 12, 32, 32))
