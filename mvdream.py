@@ -721,7 +721,9 @@ class MVDreamPolicy(nn.Module):
         base = {k.replace(".base_layer", ""): v.detach().cpu().contiguous()
                 for k, v in self.state_dict().items() if "lora_" not in k}
         save_file(base, directory / "model.safetensors")
-        (directory / "mvdream_config.json").write_text(json.dumps(self.config, indent=1))
+        # the UNet config is written out in full, so a checkpoint does not depend on what "tiny" means later
+        config = dict(self.config, unet=_unet_kwargs(self.config["unet"]))
+        (directory / "mvdream_config.json").write_text(json.dumps(config, indent=1))
         if self.lora_config is not None:
             self.save_lora(directory)
 

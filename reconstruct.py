@@ -179,6 +179,15 @@ def _tile_blocks(g, height, width, block):
 
 def render_gaussians(gaussians, c2w, fovy_deg, height, width, background=1.0, *, block=8, chunk=None,
                      max_chunk_elements=2 ** 26):
+    # Rendering is float32/float64 math even under a caller's autocast (train.py runs the LGM in bf16):
+    # autocast would otherwise run the blending matmuls in bf16.
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        return _render_gaussians(gaussians, c2w, fovy_deg, height, width, background, block=block, chunk=chunk,
+                                 max_chunk_elements=max_chunk_elements)
+
+
+def _render_gaussians(gaussians, c2w, fovy_deg, height, width, background=1.0, *, block=8, chunk=None,
+                      max_chunk_elements=2 ** 26):
     """gaussians (B, N, 14) [xyz, opacity, scale xyz, rotation wxyz, rgb]; c2w (V,4,4) or (B,V,4,4) OpenGL.
     Returns {"image": (B, V, 3, H, W) in [0,1], "alpha": (B, V, 1, H, W)}.  `block` (pixel block edge,
     dividing 16), `chunk` (Gaussians per depth step; default 32 on CPU, 64 on GPU) and `max_chunk_elements`

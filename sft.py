@@ -17,6 +17,7 @@ A quick CPU smoke run: python sft.py mvdream --steps 20 --bank 64 --batch-size 8
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -73,6 +74,9 @@ def train_mvdream(args, device):
     policy.text_encoder.requires_grad_(True)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    # Exponential moving average of the weights: what gets sampled and saved (standard for diffusion models;
+    # the raw weights of a tiny pixel-space model leave visible high-frequency noise in its samples).
+    ema = copy.deepcopy(policy).requires_grad_(False)
     bank = make_bank(args.bank, args.seed, device, args.workers)
     latents = policy.encode(bank["views"])                         # pixel-unshuffled 12x32x32 per view
     g = torch.Generator(device=device).manual_seed(args.seed)
@@ -95,9 +99,8 @@ def train_mvdream(args, device):
         noise = torch.randn(x0.shape, generator=g, device=device)
         a = alphas[t].view(-1, 1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        lr = args.lr * min(1.0, step / args.warmup)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr_at(args, step)
         with autocast_for(device):
             emb = policy.text_encoder(policy.tokenize(prompts).to(device)).last_hidden_state
             eps = policy(xt, t, emb, guidance_scale=1.0)
@@ -106,26 +109,31 @@ def train_mvdream(args, device):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        with torch.no_grad():
+            decay = min(args.ema, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), policy.parameters()):
+                pe.lerp_(p, 1 - decay)
         if step % 100 == 0:
             log.append({"step": step, "loss": loss.item(), "time": time.time() - t0})
         if step % args.sample_every == 0 or step in snapshots or step == args.steps:
-            _refresh_negative(policy)
-            traj = sample_trajectories(policy, grid_prompts, num_steps=20, guidance_scale=5.0, eta=1.0,
+            ema.refresh_negative_embeds()  # the text encoder trained: re-encode the empty prompt
+            traj = sample_trajectories(ema, grid_prompts, num_steps=20, guidance_scale=5.0, eta=1.0,
                                        generator=torch.Generator(device=device).manual_seed(0))
             save_grid(os.path.join(args.log_dir, f"mvdream_step{step:06d}.png"), traj["views"], grid_prompts)
             tqdm.write(f"step {step}: loss {loss.item():.4f}")
         if step in snapshots:
-            _save_policy(policy, snapshots[step], args, step, time.time() - t0, log)
-    _save_policy(policy, args.out, args, args.steps, time.time() - t0, log)
+            _save_policy(ema, snapshots[step], args, step, time.time() - t0, log)
+    _save_policy(ema, args.out, args, args.steps, time.time() - t0, log)
 
 
-def _refresh_negative(policy):
-    # The text encoder trained, so the cached empty-prompt embedding must be recomputed before sampling.
-    policy.register_buffer("negative_embeds", policy.encode_prompts([""]), persistent=False)
+def lr_at(args, step):
+    # linear warm-up, then cosine decay to 10% over the whole run (a snapshot is taken mid-decay)
+    warm = min(1.0, step / args.warmup)
+    return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.steps))))
 
 
 def _save_policy(policy, out, args, step, seconds, log):
-    _refresh_negative(policy)
+    policy.refresh_negative_embeds()
     policy.save_pretrained(out)
     _write_record(os.path.join(out, "sft_record.json"), args, step, seconds, log)
     print(f"saved {out} at step {step} ({seconds / 60:.1f} min)")
@@ -164,9 +172,8 @@ def train_lgm(args, device):
             extra = reconstruct.render_gaussians(bank["gaussians"][idx.to(device)], extra_c2w, toy.TOY.fovy, res, res)
         target = torch.cat([views, extra["image"]], 1)
         c2w = torch.cat([cams_in.expand(args.batch_size, -1, -1, -1), extra_c2w], 1)
-        lr = args.lr * min(1.0, step / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr_at(args, step)
         with autocast_for(device):
             gaussians = lgm.reconstruct(views, cams_in)
         pred = reconstruct.render_gaussians(gaussians.float(), c2w, toy.TOY.fovy, res, res)["image"]
@@ -198,9 +205,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     p.add_argument("--snapshot", action="append", default=[], metavar="STEP:DIR",
                    help="mvdream: also save the model at STEP into DIR (repeatable)")
-    p.add_argument("--batch-size", type=int, default=None, help="objects per step (default 64 mvdream, 16 lgm)")
+    p.add_argument("--batch-size", type=int, default=None, help="objects per step (default 64 mvdream, 32 lgm)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-4 mvdream, 1e-3 lgm)")
     p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved MVDream weights")
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of the empty prompt (mvdream)")
     p.add_argument("--extra-views", type=int, default=4, help="random supervision views per object (lgm)")
     p.add_argument("--lambda-lpips", type=float, default=1.0, help="LPIPS weight in the LGM loss")
@@ -211,7 +219,7 @@ def main(argv=None):
     p.add_argument("--sample-every", type=int, default=1000, help="write a sample grid every N steps")
     p.add_argument("--log-dir", default="outputs/sft", help="where sample grids go")
     args = p.parse_args(argv)
-    args.batch_size = args.batch_size or (64 if args.model == "mvdream" else 16)
+    args.batch_size = args.batch_size or (64 if args.model == "mvdream" else 32)
     args.lr = args.lr or (5e-4 if args.model == "mvdream" else 1e-3)
     os.makedirs(args.log_dir, exist_ok=True)
     torch.manual_seed(args.seed)

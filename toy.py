@@ -494,12 +494,13 @@ def fidelity(views: torch.Tensor, prompts: list[str], elevation: float = TOY.ele
 #   rotate:  rotate about the image centre by 5*level degrees (random sign), white fill
 #   recolor: rotate the hue of the least frequent palette colour in the view (the part, or the whole object
 #            when there is no part) by 20*level degrees (random sign), capped at 180 degrees
-#   blob:    paste a disc of a palette colour absent from the view, radius `level` pixels, centred on a
+#   blob:    paste a disc of a palette colour absent from the view, radius 2 * `level` pixels, centred on a
 #            random foreground pixel
 # ---------------------------------------------------------------------------------------------------------
 DISTORTIONS = ("shift", "rotate", "recolor", "blob")
 ROTATE_DEG_PER_LEVEL = 5.0
 RECOLOR_DEG_PER_LEVEL = 20.0
+BLOB_PX_PER_LEVEL = 2.0
 
 
 def _translate(view, dx, dy):
@@ -527,7 +528,9 @@ def distort_view(view: torch.Tensor, kind: str, level: float, generator: torch.G
         angle = 2 * math.pi * u[1]
         return _translate(view, round(level * math.cos(angle)), round(level * math.sin(angle)))
     if kind == "rotate":
-        return TF.rotate(view, sign * ROTATE_DEG_PER_LEVEL * level, interpolation=TF.InterpolationMode.BILINEAR,
+        # nearest neighbour: bilinear resampling would also blur the view, and a blurred view is closer to a
+        # reconstruction's (smooth) render, which lowers MRC at small angles and breaks monotonicity
+        return TF.rotate(view, sign * ROTATE_DEG_PER_LEVEL * level, interpolation=TF.InterpolationMode.NEAREST,
                          fill=[1.0, 1.0, 1.0])
     cls = palette_classes(view)
     counts = palette_histogram(view).sum(0)[: len(COLORS)]
@@ -548,7 +551,8 @@ def distort_view(view: torch.Tensor, kind: str, level: float, generator: torch.G
     cy, cx = divmod(pix, w)
     yy, xx = torch.meshgrid(torch.arange(h, device=view.device), torch.arange(w, device=view.device), indexing="ij")
     dist = ((yy - cy) ** 2 + (xx - cx) ** 2).to(view.dtype).sqrt()
-    cover = (level + 0.5 - dist).clamp(0.0, 1.0)             # anti-aliased disc of radius `level`
+    radius = BLOB_PX_PER_LEVEL * level
+    cover = (radius + 0.5 - dist).clamp(0.0, 1.0)            # anti-aliased disc of radius 2 * level px
     return view * (1 - cover) + rgb[:, None, None] * cover
 
 
