@@ -585,6 +585,8 @@ def main(argv):
     logger.close()
     if is_dist():
         dist.destroy_process_group()
+    # This rank's final state, for programmatic use (tests compare ranks and resumes with it).
+    return {"policy": policy, "optimizer": optimizer, "trackers": trackers, "counters": counters}
 
 
 if __name__ == "__main__":
