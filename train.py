@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -109,13 +110,15 @@ def load_config(path, overrides=()):
         raw = yaml.safe_load(f) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value")
         key, value = item.split("=", 1)
-        raw[key] = yaml.safe_load(value)
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    hints = typing.get_type_hints(Config)
+        parsed = yaml.safe_load(value)
+        # A string key takes the text as typed: YAML 1.1 would turn mixed_precision=no into False.
+        raw[key] = value if hints.get(key) is str and not isinstance(parsed, str) else parsed
     values = {}
     for key, value in raw.items():
         if key not in fields:
@@ -124,8 +127,12 @@ def load_config(path, overrides=()):
         want = hints[key]
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if want is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # PyYAML (YAML 1.1) reads 1e-4 as a string; YAML 1.2 and Python say float
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise TypeError(f"{path}: config key {key!r} must be {want.__name__}, got {value!r}")
+            quote = want is str and isinstance(value, bool)
+            hint = " (quote it: YAML reads no/yes/on/off as booleans)" if quote else ""
+            raise TypeError(f"{path}: config key {key!r} must be {want.__name__}, got {value!r}{hint}")
         values[key] = value
     cfg = Config(**values)
     choices = {"mixed_precision": ("bf16", "no"), "nonfinite": ("skip", "stop"), "world": ("toy", "paper"),
@@ -142,7 +149,20 @@ def load_config(path, overrides=()):
     if cfg.stat_min_count > cfg.stat_buffer_size:
         raise ValueError(f"{path}: stat_min_count ({cfg.stat_min_count}) must not exceed stat_buffer_size "
                          f"({cfg.stat_buffer_size})")
+    if not cfg.eta > 0:
+        raise ValueError(f"{path}: config key 'eta' must be > 0, got {cfg.eta} (a deterministic DDIM step has no "
+                         f"log-probability to train on)")
+    # The batch arithmetic does not depend on the number of ranks (it cancels): check it before any launch.
+    from ppo import BatchPlan
+    try:
+        BatchPlan(1, cfg.sample_batch_size, cfg.num_batches_per_epoch, cfg.train_batch_size,
+                  cfg.gradient_accumulation_steps, cfg.num_steps, cfg.timestep_fraction).validate()
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return cfg
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 # ----------------------------------------------------------------------------------------------
