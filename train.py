@@ -307,8 +307,9 @@ def count_forward_flops(policy, device, guidance_scale):
 def measure_peak_flops(device, dtype):
     """Measured matmul throughput: the MFU denominator (a datasheet peak flatters nobody)."""
     n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # not the global RNG: checkpoints save its state
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     for _ in range(3):
         a @ b
     sync(device)
