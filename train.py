@@ -338,9 +338,10 @@ def latest_checkpoint(cfg):
     root = checkpoint_dir(cfg)
     if not os.path.isdir(root):
         return None
-    done = sorted(d for d in os.listdir(root) if d.startswith("epoch_") and
+    # By epoch number (epoch_10000 after epoch_9999); only epoch_<N> dirs with their marker file count.
+    done = sorted((int(m.group(1)), d) for d in os.listdir(root) if (m := re.fullmatch(r"epoch_(\d+)", d)) and
                   os.path.isfile(os.path.join(root, d, "trainer_state.json")))
-    return os.path.join(root, done[-1]) if done else None
+    return os.path.join(root, done[-1][1]) if done else None
 
 
 def save_checkpoint(cfg, epoch, policy, optimizer, trackers, counters, rank):
