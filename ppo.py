@@ -206,11 +206,11 @@ def ppo_update(model, policy, samples, advantages, optimizer, plan, *, eta, guid
             ok = _all_ranks_true(loss_finite and bool(torch.isfinite(grad_norm).item()), device)
             if ok:
                 optimizer.step()
-            elif nonfinite == "stop":
+            optimizer.zero_grad(set_to_none=True)  # also before a stop: no stale non-finite grads for a caller
+            if not ok and nonfinite == "stop":
                 raise FloatingPointError(
                     "ppo_update: non-finite loss or gradient norm; stopping (config nonfinite: stop). "
                     "Set nonfinite: skip to skip such updates, or lower learning_rate / use bf16 instead of fp16.")
-            optimizer.zero_grad(set_to_none=True)
             info = {k: torch.stack([s[k] for s in stats]).float().mean().item() for k in stats[0]}
             info.update(grad_norm=float(grad_norm), skipped=0 if ok else 1)
             if math.isnan(info["grad_norm"]):
