@@ -277,13 +277,18 @@ def build_models(cfg, device):
     if cfg.random_init:
         if cfg.world == "toy":
             import toy
-            policy = MVDreamPolicy.tiny(vocab=toy.VOCAB, seed=cfg.seed)
+            policy = MVDreamPolicy.tiny(vocab=toy.VOCAB, seed=cfg.seed, elevation=cfg.elevation)
         else:
-            policy = MVDreamPolicy.random_init("sd21-4view", seed=cfg.seed)
+            policy = MVDreamPolicy.random_init("sd21-4view", seed=cfg.seed, elevation=cfg.elevation)
         torch.manual_seed(cfg.seed)
         lgm = LGM(cfg.lgm_config)
     else:
-        policy = MVDreamPolicy.from_pretrained(cfg.policy)
+        policy = MVDreamPolicy.from_pretrained(cfg.policy, elevation=cfg.elevation)
+        # The policy's camera conditioning must show the views the reward reconstructs at cfg.elevation;
+        # a saved toy policy keeps the elevation it was trained with.
+        if policy.elevation != cfg.elevation:
+            raise ValueError(f"config key 'elevation' is {cfg.elevation}, but policy {cfg.policy!r} was trained at "
+                             f"elevation {policy.elevation}; set elevation: {policy.elevation}")
         lgm = LGM.from_pretrained(cfg.lgm, config=cfg.lgm_config)
     policy.add_lora(cfg.lora_rank, cfg.lora_alpha)
     policy.to(device).eval()  # eval throughout: no dropout, so sampling and training forwards agree
