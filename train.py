@@ -311,7 +311,7 @@ def count_forward_flops(policy, device, guidance_scale):
 
 def measure_peak_flops(device, dtype):
     """Measured matmul throughput: the MFU denominator (a datasheet peak flatters nobody)."""
-    n = 4096 if device.type == "cuda" else 1024
+    n = 8192 if device.type == "cuda" else 1024  # 4096^3 does not reach the H100/H200 bf16 peak
     g = torch.Generator(device=device).manual_seed(0)  # not the global RNG: checkpoints save its state
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
@@ -389,16 +389,32 @@ def load_checkpoint(path, policy, optimizer, trackers, rank):
 # ----------------------------------------------------------------------------------------------
 # Logging (rank 0 only)
 
+def _logged_epoch(line):
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a line cut short by a crash: dropped with the epochs to be redone
+
+
 class Logger:
-    def __init__(self, cfg, rank):
+    def __init__(self, cfg, rank, start_epoch=0):
         self.active = rank == 0
         self.tb = self.wandb = None
         if not self.active:
             return
         os.makedirs(cfg.run_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a")
+        # A restarted run repeats the epochs after its checkpoint: drop what they logged before (lines here,
+        # events in TensorBoard via purge_step) so that every epoch appears once.
+        path = os.path.join(cfg.run_dir, "metrics.jsonl")
+        if os.path.isfile(path):
+            with open(path) as f:
+                kept = [line for line in f if _logged_epoch(line) < start_epoch]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+        self.jsonl = open(path, "a")
         from torch.utils.tensorboard import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(cfg.run_dir, "tb"))
+        self.tb = SummaryWriter(os.path.join(cfg.run_dir, "tb"), purge_step=start_epoch)
         if cfg.wandb:
             try:
                 import wandb
@@ -511,7 +527,7 @@ def main(argv):
     if ckpt:
         state = load_checkpoint(ckpt, policy, optimizer, trackers, rank)
         start_epoch, counters = state["epoch"] + 1, state["counters"]
-    logger = Logger(cfg, rank)
+    logger = Logger(cfg, rank, start_epoch)
     if rank == 0:
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
