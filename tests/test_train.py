@@ -472,3 +472,26 @@ def test_policy_cameras_follow_config_elevation(tmp_path):
                                                 policy=tmp_path / "policy"))
     with pytest.raises(ValueError, match="'elevation' is 0.0.*trained at elevation 15.0"):
         train.build_models(cfg, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------
+# A crash after an epoch was logged but before its checkpoint was complete: the restart redoes the epoch from
+# the previous checkpoint, bit-exactly, and logs it once.
+
+def test_restart_after_crash_mid_save_redoes_the_epoch_once(run_a, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    dir_a, _ = run_a
+    dir_c = tmp_path / "run_c"
+    run_train(dir_c, num_epochs=2)
+    os.remove(os.path.join(ckpt(dir_c, 1), "trainer_state.json"))  # the marker is written last
+    assert train.latest_checkpoint(train.load_config(TOY_YAML, overrides(dir_c))) == ckpt(dir_c, 0)
+    run_train(dir_c, num_epochs=2)
+    assert [r["epoch"] for r in read_metrics(dir_c)] == [0, 1]
+    assert read_metrics(dir_c)[1]["loss"] == read_metrics(dir_a)[1]["loss"]
+    events = EventAccumulator(str(dir_c / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1]
+    a, c = load_ckpt(ckpt(dir_a, 1)), load_ckpt(ckpt(dir_c, 1))
+    assert_same(a["lora"], c["lora"], "lora")
+    assert_same(a["optimizer"], c["optimizer"], "optimizer")
+    assert_same(a["state"]["trackers"], c["state"]["trackers"], "trackers")
