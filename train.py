@@ -149,6 +149,9 @@ def load_config(path, overrides=()):
     if cfg.stat_min_count > cfg.stat_buffer_size:
         raise ValueError(f"{path}: stat_min_count ({cfg.stat_min_count}) must not exceed stat_buffer_size "
                          f"({cfg.stat_buffer_size})")
+    if cfg.resume not in ("auto", "never") and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
+        raise FileNotFoundError(f"{path}: config key 'resume' is {cfg.resume!r}, not a complete checkpoint directory "
+                                f"(no trainer_state.json); use auto, never or a run_dir/checkpoints/epoch_NNNN path")
     if not cfg.eta > 0:
         raise ValueError(f"{path}: config key 'eta' must be > 0, got {cfg.eta} (a deterministic DDIM step has no "
                          f"log-probability to train on)")
