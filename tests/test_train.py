@@ -332,6 +332,8 @@ def test_config_loads_and_overrides(tmp_path):
         train.load_config(TOY_YAML, ["nonsense=1"])
     with pytest.raises(ValueError, match="key=value"):
         train.load_config(TOY_YAML, ["num_epochs"])
+    with pytest.raises(FileNotFoundError, match="'resume'"):
+        train.load_config(TOY_YAML, [f"resume={tmp_path / 'checkpoints' / 'epoch_0003'}"])
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         train.load_config(str(tmp_path / "missing.yaml"))
     with pytest.raises(TypeError, match="seed"):
