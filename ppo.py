@@ -211,7 +211,11 @@ def ppo_update(model, policy, samples, advantages, optimizer, plan, *, eta, guid
                 raise FloatingPointError(
                     "ppo_update: non-finite loss or gradient norm; stopping (config nonfinite: stop). "
                     "Set nonfinite: skip to skip such updates, or lower learning_rate / use bf16 instead of fp16.")
-            info = {k: torch.stack([s[k] for s in stats]).float().mean().item() for k in stats[0]}
+            means = torch.stack([torch.stack([s[k] for s in stats]).float().mean() for k in stats[0]])
+            if dist.is_available() and dist.is_initialized():  # log the mean over every rank's samples (ddpo)
+                dist.all_reduce(means)
+                means = means / dist.get_world_size()
+            info = dict(zip(stats[0], means.tolist()))
             info.update(grad_norm=float(grad_norm), skipped=0 if ok else 1)
             if math.isnan(info["grad_norm"]):
                 info["grad_norm"] = float("nan")
