@@ -32,7 +32,7 @@ TINY = dict(random_init=True, device="cpu", mixed_precision="no", seed=42, num_s
             num_train_prompts=2, num_val_prompts=2, stat_min_count=1, stat_buffer_size=8, val_every=1000,
             log_images=0, lora_rank=4, lora_alpha=8.0, per_prompt_stat_tracking=True, kl_penalty=True,
             kl_in_reward=True, kl_per_prompt_stat_tracking=True, kl_normalized_coeff=0.2, save_every=1,
-            resume="auto", nonfinite="skip", wandb=False)
+            resume="auto", nonfinite="skip", wandb=False, elevation=15.0)
 # Metrics that depend only on the computation (not on timings).
 DETERMINISTIC_METRICS = ("val_mrc", "val_kl", "reward_mean", "reward_std", "kl_mean", "kl_std", "approx_kl",
                          "clipfrac", "ratio_dev", "loss", "grad_norm", "skipped", "global_step", "skipped_updates")
@@ -172,7 +172,8 @@ def test_two_ranks_end_identical_and_gradients_are_all_reduced(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # 2. Exact resume: 3 epochs == (2 epochs, stop, resume, 1 epoch), resuming after an update so that the
-#    Adam moments, the step count and the trackers must all be restored.
+#    Adam moments, the step count and the trackers must all be restored. ("2 epochs == 1 epoch, stop,
+#    resume, 1 epoch", a resume after the warm-up, is test_restart_after_crash_mid_save_redoes_the_epoch_once.)
 
 def test_resume_is_bit_exact(run_a, tmp_path):
     dir_a, _ = run_a
@@ -222,24 +223,25 @@ def test_saved_lora_reproduces_trained_policy(run_a):
             return policy(x, t, emb, 5.0)
 
     want = out(trained)
-    base = MVDreamPolicy.tiny(vocab=toy.VOCAB, seed=42)  # same seed -> same base weights as the run
-    assert not torch.equal(out(base), want)              # the adapters matter
+    def base():  # what the run built before its adapters: same seed -> same base weights, same cameras
+        return MVDreamPolicy.tiny(vocab=toy.VOCAB, seed=TINY["seed"], elevation=TINY["elevation"])
 
-    fresh = MVDreamPolicy.tiny(vocab=toy.VOCAB, seed=42)
+    assert not torch.equal(out(base()), want)  # the adapters matter
+    fresh = base()
     fresh.load_lora(path)
     assert fresh.lora_config.r == 4 and fresh.lora_config.lora_alpha == 8.0
     assert torch.equal(out(fresh), want)
     assert_same(fresh.lora_state_dict(), trained.lora_state_dict(), "lora")
 
     # A wrong alpha (scale 1 instead of 2) would be visible: the comparison above is sensitive to it.
-    wrong = MVDreamPolicy.tiny(vocab=toy.VOCAB, seed=42)
+    wrong = base()
     wrong.load_lora(dict(load_file(os.path.join(path, MVDreamPolicy.LORA_FILE))), alpha=4.0)
     assert not torch.equal(out(wrong), want)
 
     # diffusers reads the file (keys "unet.<peft name>", alpha in the header) into a plain UNet.
     sd, _, meta = StableDiffusionLoraLoaderMixin.lora_state_dict(path, return_lora_metadata=True)
     assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in sd)
-    via_diffusers = MVDreamPolicy.tiny(vocab=toy.VOCAB, seed=42)
+    via_diffusers = base()
     via_diffusers.unet.load_lora_adapter(sd, prefix="unet", metadata=meta)
     assert torch.equal(out(via_diffusers), want)
 
@@ -256,6 +258,12 @@ def test_first_update_is_on_policy(run_a):
         assert r["ratio_dev"] <= 1e-5 and r["clipfrac"] == 0.0 and r["approx_kl"] <= 1e-10
         assert r["skipped"] == 0 and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
     assert m[2]["global_step"] == 2
+
+
+def test_saved_config_reloads_to_the_same_config(run_a):
+    dir_a, _ = run_a
+    # The resolved config next to the checkpoints is itself a valid config (e.g. "no" stays a string).
+    assert train.load_config(str(dir_a / "config.yaml")) == train.load_config(TOY_YAML, overrides(dir_a, num_epochs=3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,8 +384,8 @@ def _tiny_setup(seed=0):
     return policy, samples, params, optimizer, plan
 
 
-def _update(policy, samples, adv, optimizer, plan, nonfinite, model=None):
-    return ppo_update(model or policy, policy, samples, adv, optimizer, plan, eta=1.0, guidance_scale=5.0,
+def _update(policy, samples, adv, optimizer, plan, nonfinite):
+    return ppo_update(policy, policy, samples, adv, optimizer, plan, eta=1.0, guidance_scale=5.0,
                       train_cfg=True, clip_range=1e-4, adv_clip_max=5.0, max_grad_norm=1.0,
                       generator=torch.Generator().manual_seed(0), nonfinite=nonfinite)
 
@@ -385,7 +393,8 @@ def _update(policy, samples, adv, optimizer, plan, nonfinite, model=None):
 def test_nonfinite_skip_and_stop():
     policy, samples, params, optimizer, plan = _tiny_setup()
     before = [p.detach().clone() for p in params]
-    # NaN advantage -> NaN loss: skipped, counted, nothing moved, no optimizer state, gradients cleared.
+    # NaN advantage -> NaN loss: skipped (info "skipped" = 1, which train.py sums into skipped_updates), nothing
+    # moved, no optimizer state, gradients cleared.
     infos = _update(policy, samples, torch.tensor([float("nan"), 1.0]), optimizer, plan, "skip")
     assert [i["skipped"] for i in infos] == [1]
     assert all(torch.equal(p, b) for p, b in zip(params, before))
