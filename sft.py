@@ -9,10 +9,12 @@ distribution (Carve3D Sec. 1, Fig. 4). We reproduce that setting in the toy worl
   * LGM: 4 input views -> Gaussians -> renders of the inputs and of extra views vs ground truth,
     MSE + LPIPS, as LGM trains (spec B.1: num_views 8 of which 4 are inputs, lambda_lpips 1).
 
-Commands that reproduce the shipped checkpoints (seed, device and wall time in checkpoints/toy/README.md):
-    python sft.py mvdream --steps 24000 --snapshot 3000:checkpoints/toy/sft-base --out checkpoints/toy/sft-long
-    python sft.py lgm --steps 6000 --out checkpoints/toy/lgm-tiny.safetensors
-sft-base is the RL starting point; sft-long is the same run continued 8x longer (the "longer SFT" baseline).
+Commands that reproduce the shipped checkpoints (seed 0, defaults otherwise; each directory's
+sft_record.json / lgm-tiny.record.json holds the arguments, device and wall time of the run that made it):
+    python sft.py mvdream --steps 14000 --snapshot 2500:checkpoints/toy/sft-base --out checkpoints/toy/sft-long
+    python sft.py lgm --steps 3000 --out checkpoints/toy/lgm-tiny.safetensors
+Run on one H200 (both at once): MVDream 11.8 min (sft-base after 2.1 min), LGM 15.2 min. sft-base is the RL
+starting point; sft-long is the same run continued 5.6x longer (the "longer SFT" baseline).
 A quick CPU smoke run: python sft.py mvdream --steps 20 --bank 64 --batch-size 8 --out outputs/sft-smoke
 """
 
