@@ -1,0 +1,342 @@
+# The shipped toy checkpoints (checkpoints/toy/) and the scripts that make and evaluate them (sft.py, evaluate.py).
+# Everything runs the real classes on CPU at the toy size; numbers quoted in comments were measured on this
+# 2-core CPU (GPU numbers from the lead's runs where stated).
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import evaluate
+import reconstruct
+import reward
+import sft
+import toy
+from mvdream import MVDreamPolicy
+from sample import sample_trajectories
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = ROOT / "checkpoints" / "toy"
+SFT_BASE, SFT_LONG, LGM_FILE = CKPT / "sft-base", CKPT / "sft-long", CKPT / "lgm-tiny.safetensors"
+RES = toy.TOY.resolution                  # 64
+N_GAUSSIANS = 4 * 32 * 32                 # tiny LGM: 4 input views x splat_size^2 pixels -> one Gaussian each
+CAPTION_PX = 12                           # sample.save_grid: a caption strip above each row of views
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def alex():
+    return reward.load_lpips("alex")      # real pretrained LPIPS-AlexNet (raises if the weights are absent)
+
+
+@pytest.fixture(scope="module")
+def shipped_lgm():
+    return reconstruct.LGM.from_pretrained(str(LGM_FILE), config="tiny").requires_grad_(False)
+
+
+def one_prompt_per_colour():
+    # test prompts whose main colours all differ, so swapping a view between two objects is a visible change
+    picked = {}
+    for p in toy.test_prompts():
+        picked.setdefault(toy.parse_prompt(p).color, p)
+    return [picked[c] for c in toy.COLORS]
+
+
+def ground_truth_views(prompts, seed0):
+    objs = torch.stack([toy.make_object(p, gen(seed0 + i)) for i, p in enumerate(prompts)])
+    return toy.render_views(objs)         # (B, 4, 3, 64, 64), MVDream view order, toy elevation 15
+
+
+# ------------------------------------------------------------------------------ 1. shipped checkpoints load
+
+def test_shipped_mvdream_checkpoints_load_strictly_and_sample_at_documented_shapes():
+    base, long = MVDreamPolicy.from_pretrained(str(SFT_BASE)), MVDreamPolicy.from_pretrained(str(SFT_LONG))
+    for policy, folder in ((base, SFT_BASE), (long, SFT_LONG)):
+        assert policy.latent_shape == (12, 32, 32) and policy.image_size == 64 and policy.vae is None
+        assert policy.elevation == toy.TOY.elevation == 15.0
+        assert policy.lora_config is None
+        # every tensor of the file is in the model, bit for bit, and the model has nothing else
+        on_disk = load_file(folder / "model.safetensors")
+        in_model = policy.state_dict()
+        assert set(on_disk) == set(in_model)
+        assert all(torch.equal(on_disk[k], in_model[k]) for k in on_disk)
+        record = json.loads((folder / "sft_record.json").read_text())
+        assert record["args"]["model"] == "mvdream" and record["step"] > 0
+    # sft-long is the same run continued: same architecture, different weights, later step
+    sd_b, sd_l = base.state_dict(), long.state_dict()
+    assert [(k, v.shape) for k, v in sd_b.items()] == [(k, v.shape) for k, v in sd_l.items()]
+    assert not all(torch.equal(sd_b[k], sd_l[k]) for k in sd_b)
+    steps = [json.loads((f / "sft_record.json").read_text())["step"] for f in (SFT_BASE, SFT_LONG)]
+    assert steps[0] < steps[1]
+
+    for policy in (base, long):
+        traj = sample_trajectories(policy, ["a red cube"], num_steps=2, guidance_scale=5.0, generator=gen(0))
+        views = traj["views"]
+        assert views.shape == (1, 4, 3, 64, 64)
+        assert torch.isfinite(views).all() and views.min() >= 0 and views.max() <= 1
+        assert traj["latents"].shape == (1, 2, 4, 12, 32, 32)
+
+
+def test_shipped_lgm_loads_strictly_and_reconstructs_4096_gaussians(shipped_lgm):
+    cfg = shipped_lgm.config
+    assert (cfg.name, cfg.input_size, cfg.splat_size) == ("tiny", 64, 32)
+    assert cfg.fovy == toy.TOY.fovy and cfg.cam_radius == toy.TOY.radius
+    on_disk = load_file(LGM_FILE)
+    in_model = shipped_lgm.state_dict()
+    assert set(on_disk) == set(in_model) and all(torch.equal(on_disk[k], in_model[k]) for k in on_disk)
+    # the config stored in the file header and the sibling json agree with "tiny"
+    assert reconstruct.LGM.from_pretrained(str(LGM_FILE), config=None).config == cfg
+    assert json.loads(LGM_FILE.with_suffix(".json").read_text())["splat_size"] == 32
+
+    views = ground_truth_views(toy.test_prompts()[:2], 0)[:, list(reconstruct.MVDREAM_TO_LGM)]  # LGM input order
+    cams = reconstruct.standard_cameras(-toy.TOY.elevation, toy.TOY.radius)
+    with torch.no_grad():
+        g = shipped_lgm.reconstruct(views, cams)
+    assert g.shape == (2, N_GAUSSIANS, 14) and torch.isfinite(g).all()
+    assert (g[..., 3] >= 0).all() and (g[..., 3] <= 1).all()                  # activated opacity
+    assert torch.allclose(g[..., 7:11].norm(dim=-1), torch.ones(()), atol=1e-4)  # unit quaternions
+
+
+@pytest.mark.parametrize("tamper", ["drop", "add"])
+def test_tampered_mvdream_folder_fails_naming_the_key(tmp_path, tamper):
+    folder = tmp_path / "sft-base"
+    shutil.copytree(SFT_BASE, folder)
+    sd = load_file(folder / "model.safetensors")
+    if tamper == "drop":
+        key = "unet.conv_in.bias"
+        del sd[key]
+    else:
+        key = "unet.extra_tensor"
+        sd[key] = torch.zeros(3)
+    save_file(sd, folder / "model.safetensors")
+    with pytest.raises((KeyError, RuntimeError), match=key.replace(".", r"\.")):
+        MVDreamPolicy.from_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("tamper", ["drop", "add"])
+def test_tampered_lgm_file_fails_naming_the_key(tmp_path, tamper):
+    with safe_open(str(LGM_FILE), framework="pt") as f:
+        meta = f.metadata()
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    if tamper == "drop":
+        key = sorted(sd)[len(sd) // 2]
+        del sd[key]
+    else:
+        key = "extra.weight"
+        sd[key] = torch.zeros(3)
+    bad = tmp_path / "lgm-tampered.safetensors"
+    save_file(sd, str(bad), metadata=meta)
+    with pytest.raises(KeyError, match=key.replace(".", r"\.")):
+        reconstruct.LGM.from_pretrained(str(bad), config="tiny")
+
+
+# ------------------------------------------------------------------ 2. the shipped LGM on consistent views
+
+# Threshold for the MRC of ground-truth renders. Measured (CPU, these 5 prompts x 2 seeds): mean 0.144, max 0.170;
+# with view 1 swapped: 0.21..0.43. GPU: mean 0.17 over 32 test prompts x 4 seeds. An untrained tiny LGM
+# scores 0.66..0.79 on the same views.
+GT_MRC_MEAN_MAX, GT_MRC_EACH_MAX = 0.25, 0.35
+
+
+def test_shipped_lgm_mrc_is_low_on_ground_truth_and_rises_when_a_view_is_swapped(shipped_lgm, alex):
+    reward_fn = reward.MRCReward(shipped_lgm, alex, elevation=toy.TOY.elevation)
+    prompts = one_prompt_per_colour()
+    for seed0 in (0, 100):
+        views = ground_truth_views(prompts, seed0)
+        consistent = reward_fn(views)["mrc"]
+        swapped = views.clone()
+        swapped[:, 1] = views.roll(1, dims=0)[:, 1]    # view 1 of each object <- view 1 of an object of another colour
+        inconsistent = reward_fn(swapped)["mrc"]
+        print(f"seeds {seed0}+: GT MRC {consistent.tolist()} | one view swapped {inconsistent.tolist()}")
+        assert consistent.mean() < GT_MRC_MEAN_MAX and (consistent < GT_MRC_EACH_MAX).all()
+        assert (inconsistent > consistent).all()
+        assert inconsistent.mean() > consistent.mean() + 0.05
+
+    # the threshold means something: the same architecture untrained is far above it
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        untrained = reconstruct.LGM("tiny").eval()
+    assert reward.MRCReward(untrained, alex, elevation=toy.TOY.elevation)(views)["mrc"].mean() > 2 * GT_MRC_MEAN_MAX
+
+
+# -------------------------------------------------------------------------------------- 3. evaluate.py
+
+def eval_args(out, *what, num_prompts=2, seeds=2):
+    return [*what, "--num-prompts", str(num_prompts), "--seeds", str(seeds), "--num-steps", "3", "--device", "cpu",
+            "--lgm", str(LGM_FILE), "--seed", "0", "--out", str(out)]
+
+
+def check_metrics_and_grid(out, num_prompts=2, seeds=2):
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_prompts"] == num_prompts and metrics["samples_per_prompt"] == seeds
+    assert math.isfinite(metrics["mrc_mean"]) and metrics["mrc_mean"] >= 0 and metrics["mrc_std"] >= 0
+    assert 0 <= metrics["fidelity_mean"] <= 1
+    assert math.isfinite(metrics["diversity"]) and metrics["diversity"] >= 0
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (4 * RES, num_prompts * (RES + CAPTION_PX)) and grid.mode == "RGB"
+    return metrics, torch.from_numpy(np.asarray(grid).copy()).permute(2, 0, 1)
+
+
+def grid_views(grid, row):
+    # (4, 3, 64, 64) uint8: the 4 views pasted in row `row` of sample.save_grid's layout
+    top = row * (RES + CAPTION_PX) + CAPTION_PX
+    return torch.stack([grid[:, top:top + RES, j * RES:(j + 1) * RES] for j in range(4)])
+
+
+@pytest.fixture(scope="module")
+def base_eval(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "sft-base"
+    evaluate.main(eval_args(out, "--checkpoint", str(SFT_BASE)))
+    return out
+
+
+def test_evaluate_checkpoint_writes_metrics_and_grid_in_range(base_eval):
+    metrics, _ = check_metrics_and_grid(base_eval)
+    assert metrics["source"] == {"checkpoint": str(SFT_BASE), "lora": None}
+    assert metrics["options"]["num_steps"] == 3
+
+
+def test_evaluate_ground_truth_matches_an_independent_recomputation(tmp_path, shipped_lgm, alex):
+    out = tmp_path / "gt"
+    evaluate.main(eval_args(out, "--ground-truth"))
+    metrics, grid = check_metrics_and_grid(out)
+    print("GT metrics", {k: v for k, v in metrics.items() if k != "options"})
+    assert metrics["source"] == "ground truth"
+    assert metrics["fidelity_mean"] > 0.8                                    # measured 0.97
+
+    # recompute from the documented recipe: prompts spread over the test list, object (i, s) seeded by
+    # evaluate's fixed-noise seed (seed, i, s), rendered at elevation 15; MRC, fidelity, diversity by hand
+    prompts = evaluate.load_prompts("toy:test", 2)
+    assert prompts == toy.test_prompts()[:: len(toy.test_prompts()) // 2][:2]
+    objs = torch.stack([toy.make_object(p, evaluate._generator("cpu", 0, i, s))
+                        for i, p in enumerate(prompts) for s in range(2)])
+    views = toy.render_views(objs)                                           # (P*S, 4, 3, 64, 64)
+    mrc = reward.MRCReward(shipped_lgm, alex, elevation=15.0)(views)["mrc"]
+    assert metrics["mrc_mean"] == pytest.approx(mrc.mean().item(), abs=1e-5)
+    fid = toy.fidelity(views, [p for p in prompts for _ in range(2)])
+    assert metrics["fidelity_mean"] == pytest.approx(fid.mean().item(), abs=1e-6)
+    with torch.no_grad():
+        div = torch.stack([alex(views[2 * i + 0], views[2 * i + 1], normalize=True).flatten() for i in range(2)])
+    assert metrics["diversity"] == pytest.approx(div.mean().item(), abs=1e-5)
+    # the grid shows the first sample of each prompt
+    for row in range(2):
+        expect = (views[2 * row] * 255).round().to(torch.uint8)
+        assert (grid_views(grid, row).int() - expect.int()).abs().max() <= 1
+
+
+def test_evaluate_with_a_lora_changes_the_samples(tmp_path, base_eval):
+    policy = MVDreamPolicy.from_pretrained(str(SFT_BASE))
+    policy.add_lora(4, 4)
+    g = gen(0)
+    with torch.no_grad():                       # lora_B starts at 0 (policy == base): make it a real change
+        for name, p in policy.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    lora_dir = tmp_path / "lora"
+    policy.save_lora(lora_dir)
+
+    out = tmp_path / "with-lora"
+    evaluate.main(eval_args(out, "--checkpoint", str(SFT_BASE), "--lora", str(lora_dir)))
+    with_lora, grid_lora = check_metrics_and_grid(out)
+    without, grid_base = check_metrics_and_grid(base_eval)
+    assert with_lora["source"] == {"checkpoint": str(SFT_BASE), "lora": str(lora_dir)}
+    # same fixed noise, different weights -> different samples and figures
+    assert (grid_lora.int() - grid_base.int()).abs().float().mean() > 1.0
+    assert with_lora["mrc_mean"] != without["mrc_mean"] and with_lora["diversity"] != without["diversity"]
+
+
+# ------------------------------------------------------------------------------- 4. robustness experiment
+
+# MRC rises with the level only on average: a 1-px shift (shift level 1) raises one object's MRC by
+# +0.0014 +- 0.004 (66% of objects go up; CPU, 96 objects), so a handful of objects is not enough. With
+# 16 objects and the default seed 0 every step is positive on this CPU (smallest: shift 0->1, +0.003);
+# with 8 objects shift 0->1 goes down (-0.0001). Bootstrap over 96 objects: 16 objects are monotone for all
+# kinds ~91% of the time, so another seed may fail -- the test pins seed 0.
+ROBUSTNESS_OBJECTS = 16
+
+
+def test_robustness_mrc_increases_with_distortion_level(tmp_path):
+    out = tmp_path / "robustness"
+    evaluate.main(["--robustness", "--levels", "3", "--num-prompts", str(ROBUSTNESS_OBJECTS), "--seed", "0",
+                   "--device", "cpu", "--lgm", str(LGM_FILE), "--out", str(out)])
+    result = json.loads((out / "robustness.json").read_text())
+    assert result["levels"] == [0, 1, 2, 3] and result["num_objects"] == ROBUSTNESS_OBJECTS
+    assert set(result["mrc"]) == set(toy.DISTORTIONS)
+    print("robustness", json.dumps(result["mrc"]))
+    level0 = {v[0] for v in result["mrc"].values()}
+    assert len(level0) == 1 and 0 < level0.pop() < GT_MRC_MEAN_MAX   # level 0 = the same undistorted views
+    for kind, row in result["mrc"].items():
+        assert all(b > a for a, b in zip(row, row[1:])), f"{kind}: MRC not increasing with level: {row}"
+        assert result["monotone"][kind] is True
+    table = (out / "robustness.md").read_text()
+    assert all(f"| {kind} |" in table for kind in toy.DISTORTIONS)
+    assert Image.open(out / "robustness.png").size == (560, 380)
+
+
+# ------------------------------------------------------------------------------- 5. evaluate's helpers
+
+def test_diversity_is_zero_for_identical_samples_and_positive_otherwise(alex):
+    views = ground_truth_views(["a red cube", "a blue ball with a green cone on its left"], 0)   # (2, 4, 3, 64, 64)
+    same = views[:, None].expand(-1, 3, -1, -1, -1, -1)                                       # 3 identical samples
+    assert evaluate.diversity(same, alex) == 0.0
+    other = ground_truth_views(["a red cube", "a blue ball with a green cone on its left"], 50)
+    different = torch.stack([views, other], 1)                                                # (P=2, S=2, ...)
+    d = evaluate.diversity(different, alex)
+    with torch.no_grad():
+        expect = torch.stack([alex(views[i], other[i], normalize=True).mean() for i in range(2)]).mean().item()
+    assert d > 0 and d == pytest.approx(expect, abs=1e-6)
+    assert math.isnan(evaluate.diversity(views[:, None], alex))                            # 1 sample: undefined
+
+
+def test_line_plot_writes_a_png_of_the_requested_size(tmp_path):
+    path = tmp_path / "plot.png"
+    evaluate.line_plot(str(path), [0, 1, 2], {"a": [0.1, 0.2, 0.3], "b": [0.3, 0.2, 0.25]}, "x", "y", size=(300, 200))
+    img = Image.open(path).convert("RGB")
+    assert img.size == (300, 200)
+    colours = {c for _, c in img.getcolors(300 * 200)}
+    assert (214, 39, 40) in colours and (31, 119, 180) in colours    # both series drawn in their colours
+
+
+# ------------------------------------------------------------------------------------- 6. sft.py smoke
+
+def test_sft_mvdream_smoke_writes_loadable_snapshot_and_final_checkpoints(tmp_path):
+    base, long, log = tmp_path / "base", tmp_path / "long", tmp_path / "log"
+    sft.main(["mvdream", "--steps", "3", "--bank", "8", "--batch-size", "2", "--workers", "1", "--device", "cpu",
+              "--snapshot", f"2:{base}", "--out", str(long), "--log-dir", str(log), "--sample-every", "100"])
+    init = MVDreamPolicy.tiny(toy.VOCAB, elevation=toy.TOY.elevation, seed=0).state_dict()
+    loaded = {}
+    for folder, step in ((base, 2), (long, 3)):
+        record = json.loads((folder / "sft_record.json").read_text())
+        assert record["step"] == step and record["args"]["steps"] == 3 and record["args"]["seed"] == 0
+        policy = MVDreamPolicy.from_pretrained(str(folder))
+        assert policy.latent_shape == (12, 32, 32) and policy.elevation == 15.0
+        sd = policy.state_dict()
+        assert set(sd) == set(init)
+        assert not all(torch.equal(sd[k], init[k]) for k in sd)             # it trained (EMA moved)
+        loaded[step] = sd
+        traj = sample_trajectories(policy, ["a red cube"], num_steps=2, guidance_scale=5.0, generator=gen(0))
+        assert traj["views"].shape == (1, 4, 3, 64, 64) and torch.isfinite(traj["views"]).all()
+    assert not all(torch.equal(loaded[2][k], loaded[3][k]) for k in loaded[2])  # snapshot != final
+    assert sorted(p.name for p in log.glob("*.png")) == ["mvdream_step000002.png", "mvdream_step000003.png"]
+
+
+def test_sft_lgm_smoke_writes_a_loadable_file(tmp_path):
+    out = tmp_path / "lgm.safetensors"
+    sft.main(["lgm", "--steps", "2", "--bank", "4", "--batch-size", "2", "--workers", "1", "--device", "cpu",
+              "--out", str(out), "--log-dir", str(tmp_path / "log"), "--sample-every", "100"])
+    lgm = reconstruct.LGM.from_pretrained(str(out), config="tiny")
+    record = json.loads(out.with_suffix(".record.json").read_text())
+    assert record["step"] == 2 and record["args"]["model"] == "lgm"
+    views = ground_truth_views(["a red cube"], 0)[:, list(reconstruct.MVDREAM_TO_LGM)]
+    with torch.no_grad():
+        g = lgm.reconstruct(views, reconstruct.standard_cameras(-toy.TOY.elevation, toy.TOY.radius))
+    assert g.shape == (1, N_GAUSSIANS, 14) and torch.isfinite(g).all()
