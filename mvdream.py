@@ -732,7 +732,11 @@ class MVDreamPolicy(nn.Module):
         from safetensors.torch import load_file
         config = json.loads((path / "mvdream_config.json").read_text())
         policy = cls.from_config(config, device=device, dtype=dtype)
-        policy.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+        try:
+            policy.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+        except RuntimeError as e:  # torch lists the missing/unexpected keys; say which file and why
+            raise KeyError(f"MVDreamPolicy.from_pretrained: {path / 'model.safetensors'} does not match its "
+                           f"mvdream_config.json (a strict load found): {e}") from None
         policy.refresh_negative_embeds()
         if (path / cls.LORA_FILE).exists():
             policy.load_lora(path / cls.LORA_FILE)

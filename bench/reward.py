@@ -79,9 +79,9 @@ def make_vae(device):
     return vae.to(device=device, dtype=torch.bfloat16).eval().requires_grad_(False)
 
 
-def bench_stages(batch, size, lgm, lpips_model, device, repeats, warmup, vae=None):
+def bench_stages(batch, size, lgm, lpips_model, device, repeats, warmup, vae=None, views=None):
     rows = {}
-    views = example_views(batch, size, device)
+    views = example_views(batch, size, device) if views is None else views
     if vae is not None:
         latents = torch.randn(batch * 4, 4, size // 8, size // 8, device=device, dtype=torch.bfloat16)
 
@@ -134,6 +134,9 @@ def main():
     parser = argparse.ArgumentParser(description="Time the Carve3D MRC reward stage by stage.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer repeats and smaller batches")
+    parser.add_argument("--lgm", default=None,
+                        help="CPU: a trained tiny LGM (checkpoints/toy/lgm-tiny.safetensors) scored on toy ground-truth "
+                             "views, instead of a random LGM on random scenes")
     parser.add_argument("--scale-bias", default="-2.0",
                         help="bias of the LGM head's scale channels (approximates a trained LGM); 'none' = raw head")
     args = parser.parse_args()
@@ -155,10 +158,19 @@ def main():
             report("paper setup (SD2.1 VAE + LGM big, random weights)", batch,
                    bench_stages(batch, 256, lgm, lpips_model, device, repeats, warmup, vae=vae), device)
     else:
-        lgm = make_lgm("tiny", device, torch.float32, scale_bias)
+        views, what = None, "random weights"
+        if args.lgm:
+            import toy
+            lgm, what = reconstruct.LGM.from_pretrained(args.lgm).eval().requires_grad_(False), args.lgm
+            prompts = toy.test_prompts()[:: len(toy.test_prompts()) // 8][:8]
+            objs = torch.stack([toy.make_object(p, torch.Generator().manual_seed(i)) for i, p in enumerate(prompts)])
+            views = toy.render_views(objs)
+        else:
+            lgm = make_lgm("tiny", device, torch.float32, scale_bias)
         for batch in ((2,) if args.quick else (8,)):
-            rows = bench_stages(batch, 64, lgm, lpips_model, device, repeats, warmup)
-            report("toy setup (tiny LGM, random weights, 64 px)", batch, rows, device)
+            rows = bench_stages(batch, 64, lgm, lpips_model, device, repeats, warmup,
+                                views=None if views is None else views[:batch])
+            report(f"toy setup (tiny LGM, {what}, 64 px)", batch, rows, device)
             total = rows["MRCReward end to end (LGM + render + MRC)"][0] / 1000
             print(f"  target: 8 objects <= 3 s -> {total * 8 / batch:.2f} s for 8 objects")
 

@@ -260,12 +260,12 @@ def test_distort_view_geometry():
     _, x0, y0 = _colour_stats(view, "red")
     shifted = toy.distort_view(view, "shift", 5, gen(4))
     _, x1, y1 = _colour_stats(shifted, "red")
-    assert math.hypot(x1 - x0, y1 - y0) == pytest.approx(5, abs=0.8)
+    assert math.hypot(x1 - x0, y1 - y0) == pytest.approx(5 * toy.SHIFT_PX_PER_LEVEL, abs=0.8)
     assert shifted[:, 0, :].eq(1).all() and shifted[:, -1, :].eq(1).all()        # white fill
     recolored = toy.distort_view(view, "recolor", 9, gen(4))                         # 180 deg hue turn
     n_red = _colour_stats(view, "red")[0]
     assert _colour_stats(recolored, "red")[0] < 0.05 * n_red
-    blob = toy.distort_view(view, "blob", 6, gen(4))
+    blob = toy.distort_view(view, "blob", 6 / toy.BLOB_PX_PER_LEVEL, gen(4))        # radius 6 px
     added = toy.palette_classes(blob) != toy.palette_classes(view)
     assert 80 < int(added.sum()) < 150                                                # ~ pi * 6^2 = 113 pixels
 
