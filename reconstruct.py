@@ -1,6 +1,6 @@
 # Reconstruction half of the Carve3D reward (Carve3D Sec. 3.2): LGM (arXiv 2402.05054) turns 4 views into
 # 3D Gaussians, and a 3DGS rasterizer renders them back.  Everything follows spec Part B
-# (/work/shared/reference/mvdream_lgm_spec.md):
+# (shared/reference/mvdream_lgm_spec.md):
 #   cameras + Plücker rays  -> spec B.2 (kiui/LGM OpenGL convention)
 #   asymmetric U-Net + head -> spec B.3/B.4 (same module names as 3DTopia/LGM so its checkpoint loads strictly)
 #   renderer                -> spec B.5/B.6 (Inria 3DGS forward pass, written as tiled dense PyTorch)

@@ -16,16 +16,6 @@ REFERENCE_UNET_KEYS_SHA256 = "f74abac0365360b66df6dd85c00fb8b646ec9c6b35e4f16638
 VOCAB = ["a", "red", "blue", "green", "cube", "ball", "with", "on", "its", "top"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tests are tiny; on a shared 2-core machine, 2 OpenMP threads spin-waiting against other jobs made
-    # them ~10x slower (measured 120 s vs 14 s). Results do not depend on the thread count.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _meta(build):
     with torch.device("meta"):
         return build()

@@ -4,6 +4,7 @@
 import math
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,16 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import reconstruct as R  # noqa: E402
 
 FOVY = 49.1
-KEYS_FILE = "/work/shared/reference/lgm_big_keys.txt"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the 2 shared cores are oversubscribed; OpenMP with 2 threads then runs these tiny ops many times slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+KEYS_FILE = Path(__file__).parent / "data" / "lgm_big_keys.txt"  # copy of shared/reference/lgm_big_keys.txt
 
 
 # ------------------------------------------------------------------------------------------------------

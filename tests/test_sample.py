@@ -10,16 +10,6 @@ VOCAB = ["a", "red", "blue", "green", "cube", "ball"]
 PROMPTS = ["a red cube", "a blue ball"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tests are tiny; on a shared 2-core machine, 2 OpenMP threads spin-waiting against other jobs made
-    # them ~10x slower (measured 120 s vs 14 s). Results do not depend on the thread count.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _scheduler(steps):
     s = make_scheduler()
     s.set_timesteps(steps)

@@ -38,15 +38,6 @@ DETERMINISTIC_METRICS = ("val_mrc", "val_kl", "reward_mean", "reward_std", "kl_m
                          "clipfrac", "ratio_dev", "loss", "grad_norm", "skipped", "global_step", "skipped_updates")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 spinning OpenMP threads on the shared 2-core machine are ~10x slower; results do not depend on it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def overrides(run_dir, **kw):
     return [f"{k}={v}" for k, v in dict(TINY, run_dir=str(run_dir), **kw).items()]
 
