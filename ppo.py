@@ -17,7 +17,6 @@ non-finite guard.
 """
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -217,8 +216,6 @@ def ppo_update(model, policy, samples, advantages, optimizer, plan, *, eta, guid
                 means = means / dist.get_world_size()
             info = dict(zip(stats[0], means.tolist()))
             info.update(grad_norm=float(grad_norm), skipped=0 if ok else 1)
-            if math.isnan(info["grad_norm"]):
-                info["grad_norm"] = float("nan")
             infos.append(info)
     return infos
 
