@@ -11,3 +11,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fill_lora_up():
+    # LoRA starts with up-projections (lora_B) = 0, i.e. the base model: tests that need the adapters to
+    # change the outputs fill them with scale * N(0, 1), drawn in parameter order from one seeded generator.
+    def fill(policy, scale, seed):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in policy.unet.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(scale * torch.randn(p.shape, generator=g))
+        return policy
+    return fill

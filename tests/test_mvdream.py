@@ -400,19 +400,17 @@ def test_lora_init_disable_and_train_step():
     assert all(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)
 
 
-def _trained_lora_policy(seed=2):
-    policy = MVDreamPolicy.tiny(VOCAB, seed=seed)
-    policy.add_lora(4, 8)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in policy.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return policy
+@pytest.fixture
+def trained_lora_policy(fill_lora_up):
+    def make(seed=2):
+        policy = MVDreamPolicy.tiny(VOCAB, seed=seed)
+        policy.add_lora(4, 8)
+        return fill_lora_up(policy, 0.05, 5)
+    return make
 
 
-def test_lora_save_load_round_trip(tmp_path):
-    policy = _trained_lora_policy()
+def test_lora_save_load_round_trip(tmp_path, trained_lora_policy):
+    policy = trained_lora_policy()
     x, t, emb = _inputs(policy)
     with torch.no_grad():
         want = policy(x, t, emb, 3.0)
@@ -431,9 +429,9 @@ def test_lora_save_load_round_trip(tmp_path):
         assert torch.equal(again(x, t, emb, 3.0), want)
 
 
-def test_lora_file_is_readable_by_diffusers(tmp_path):
+def test_lora_file_is_readable_by_diffusers(tmp_path, trained_lora_policy):
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
-    policy = _trained_lora_policy()
+    policy = trained_lora_policy()
     x, t, emb = _inputs(policy)
     with torch.no_grad():
         want = policy(x, t, emb, 3.0)
@@ -445,19 +443,19 @@ def test_lora_file_is_readable_by_diffusers(tmp_path):
         torch.testing.assert_close(fresh(x, t, emb, 3.0), want, atol=1e-6, rtol=1e-6)
 
 
-def test_lora_load_is_strict():
-    policy = _trained_lora_policy()
+def test_lora_load_is_strict(trained_lora_policy):
+    policy = trained_lora_policy()
     sd = policy.lora_state_dict()
     sd.pop(next(iter(sd)))
-    fresh = _trained_lora_policy()
+    fresh = trained_lora_policy()
     with pytest.raises(KeyError, match="missing"):
         fresh.load_lora(sd)
     with pytest.raises(KeyError, match="unet."):
         fresh.load_lora({"text_encoder.x.lora_A.weight": torch.zeros(4, 4)})
 
 
-def test_save_pretrained_round_trip(tmp_path):
-    policy = _trained_lora_policy()
+def test_save_pretrained_round_trip(tmp_path, trained_lora_policy):
+    policy = trained_lora_policy()
     policy.save_pretrained(tmp_path)
     loaded = MVDreamPolicy.from_pretrained(tmp_path)
     assert loaded.tokenizer.vocab == VOCAB and loaded.elevation == 15.0

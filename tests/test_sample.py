@@ -137,14 +137,10 @@ def test_replay_reproduces_log_probs_and_reference_equals_policy_at_init(policy)
     assert torch.equal(traj["ref_log_probs"], traj["log_probs"])  # LoRA up = 0: policy == reference
 
 
-def test_replay_with_trained_lora_and_reference_differs():
+def test_replay_with_trained_lora_and_reference_differs(fill_lora_up):
     p = MVDreamPolicy.tiny(VOCAB, seed=0)
     p.add_lora(4, 4)
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for n, w in p.named_parameters():
-            if "lora_B" in n:
-                w.copy_(torch.randn(w.shape, generator=g) * 0.1)
+    fill_lora_up(p, 0.1, 4)
     traj = sample_trajectories(p, PROMPTS, num_steps=3, guidance_scale=2.0,
                                generator=torch.Generator().manual_seed(2), with_reference=True)
     assert (torch.exp(_replay(p, traj, 2.0) - traj["log_probs"]) - 1).abs().max() <= 1e-5

@@ -233,14 +233,10 @@ def test_evaluate_ground_truth_matches_an_independent_recomputation(tmp_path, sh
         assert (grid_views(grid, row).int() - expect.int()).abs().max() <= 1
 
 
-def test_evaluate_with_a_lora_changes_the_samples(tmp_path, base_eval):
+def test_evaluate_with_a_lora_changes_the_samples(tmp_path, base_eval, fill_lora_up):
     policy = MVDreamPolicy.from_pretrained(str(SFT_BASE))
     policy.add_lora(4, 4)
-    g = gen(0)
-    with torch.no_grad():                       # lora_B starts at 0 (policy == base): make it a real change
-        for name, p in policy.unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    fill_lora_up(policy, 0.05, 0)               # lora_B starts at 0 (policy == base): make it a real change
     lora_dir = tmp_path / "lora"
     policy.save_lora(lora_dir)
 
