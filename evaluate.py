@@ -21,6 +21,14 @@ import os
 
 import torch
 
+import toy
+from mvdream import MVDreamPolicy
+from reconstruct import LGM
+from reward import MRCReward, load_lpips
+from sample import sample_trajectories
+from support.devices import autocast
+from support.images import line_plot, save_grid
+
 
 def _generator(device, *parts):
     seed = 0
@@ -29,18 +37,17 @@ def _generator(device, *parts):
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def load_prompts(spec, limit):
-    if spec.startswith("toy:"):
-        import toy
-        prompts = toy.test_prompts() if spec == "toy:test" else toy.train_prompts()
-        if spec not in ("toy:test", "toy:train"):
-            raise ValueError(f"--prompts {spec!r}: use toy:test, toy:train or a text file")
+def load_prompts(source, limit):
+    if source.startswith("toy:"):
+        prompts = toy.test_prompts() if source == "toy:test" else toy.train_prompts()
+        if source not in ("toy:test", "toy:train"):
+            raise ValueError(f"--prompts {source!r}: use toy:test, toy:train or a text file")
         # spread the subset over the whole list (the grammar enumerates colours first)
         step = max(1, len(prompts) // limit) if limit else 1
         return prompts[::step][:limit] if limit else prompts
-    if not os.path.isfile(spec):
-        raise FileNotFoundError(f"--prompts {spec!r} not found (one prompt per line, '#' comments)")
-    with open(spec) as f:
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"--prompts {source!r} not found (one prompt per line, '#' comments)")
+    with open(source) as f:
         prompts = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
     return prompts[:limit] if limit else prompts
 
@@ -48,13 +55,10 @@ def load_prompts(spec, limit):
 def generate(args, prompts, device):
     """(P, S, 4, 3, H, W) samples of the checkpoint (or ground-truth renders) with fixed noise."""
     if args.ground_truth:
-        import toy
         objs = torch.stack([toy.make_object(p, _generator("cpu", args.seed, i, s))
                             for i, p in enumerate(prompts) for s in range(args.seeds)]).to(device)
         views = torch.cat([toy.render_views(objs[i:i + 64], args.elevation) for i in range(0, len(objs), 64)])
         return views.view(len(prompts), args.seeds, *views.shape[1:])
-    from mvdream import MVDreamPolicy
-    from sample import sample_trajectories
     policy = MVDreamPolicy.from_pretrained(args.checkpoint).to(device).eval()
     if args.lora:
         policy.load_lora(args.lora)
@@ -74,13 +78,7 @@ def generate(args, prompts, device):
     return views.view(len(prompts), args.seeds, *views.shape[1:])
 
 
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-
 def build_reward(args, device):
-    from reconstruct import LGM
-    from reward import MRCReward, load_lpips
     lgm = LGM.from_pretrained(args.lgm, config=args.lgm_config).to(device).eval().requires_grad_(False)
     lpips_model = load_lpips("alex").to(device)
     return MRCReward(lgm, lpips_model, elevation=args.elevation, lpips_size=args.lpips_size or None), lpips_model
@@ -111,7 +109,6 @@ def evaluate(args, device):
                "mrc_mean": mrc.mean().item(), "mrc_std": mrc.std().item() if len(mrc) > 1 else 0.0,
                "diversity": diversity(views, lpips_model)}
     if args.prompts.startswith("toy:"):
-        import toy
         fid = toy.fidelity(flat.cpu(), [p for p in prompts for _ in range(args.seeds)], args.elevation)
         metrics.update(fidelity_mean=fid.mean().item(), fidelity_std=fid.std().item() if len(fid) > 1 else 0.0)
     metrics["source"] = "ground truth" if args.ground_truth else {"checkpoint": args.checkpoint, "lora": args.lora}
@@ -119,7 +116,6 @@ def evaluate(args, device):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    from sample import save_grid
     n = min(8, len(prompts))
     m = mrc.view(len(prompts), args.seeds)
     save_grid(os.path.join(args.out, "grid.png"), views[:n, 0],
@@ -133,7 +129,6 @@ def evaluate(args, device):
 
 @torch.no_grad()
 def robustness(args, device):
-    import toy
     prompts = load_prompts(args.prompts, args.num_prompts)
     reward_fn, _ = build_reward(args, device)
     objs = torch.stack([toy.make_object(p, _generator("cpu", args.seed, i)) for i, p in enumerate(prompts)])
@@ -160,39 +155,6 @@ def robustness(args, device):
     line_plot(os.path.join(args.out, "robustness.png"), levels, table, "distortion level", "MRC (LPIPS)")
     print("\n".join(lines))
     return table, monotone
-
-
-def line_plot(path, xs, series, xlabel, ylabel, size=(560, 380)):
-    """A small line chart with PIL (no plotting dependency for one figure)."""
-    from PIL import Image, ImageDraw
-    W, H = size
-    left, right, top, bottom = 60, 130, 20, 45
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    ys = [y for v in series.values() for y in v]
-    lo, hi = min(ys), max(ys)
-    hi = hi if hi > lo else lo + 1e-6
-
-    def px(x, y):
-        return (left + (x - xs[0]) / max(1e-9, xs[-1] - xs[0]) * (W - left - right),
-                H - bottom - (y - lo) / (hi - lo) * (H - top - bottom))
-    d.rectangle([left, top, W - right, H - bottom], outline=(0, 0, 0))
-    for k in range(5):
-        y = lo + (hi - lo) * k / 4
-        d.text((4, px(xs[0], y)[1] - 6), f"{y:.3f}", fill=(0, 0, 0))
-    for x in xs:
-        d.text((px(x, lo)[0] - 3, H - bottom + 4), str(x), fill=(0, 0, 0))
-    d.text(((W - right) // 2 - 30, H - 18), xlabel, fill=(0, 0, 0))
-    d.text((4, 4), ylabel, fill=(0, 0, 0))
-    colors = [(214, 39, 40), (31, 119, 180), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
-    for n, (name, v) in enumerate(series.items()):
-        c = colors[n % len(colors)]
-        pts = [px(x, y) for x, y in zip(xs, v)]
-        d.line(pts, fill=c, width=2)
-        for p in pts:
-            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=c)
-        d.text((W - right + 10, top + 16 * n), name, fill=c)
-    img.save(path)
 
 
 def main(argv=None):

@@ -9,9 +9,10 @@ both log-probabilities during sampling). Per sample i with S denoising steps:
     KL_i = (1/S) sum_k [ log p_theta(x_k | x_{k-1}, c_i) - log p_ref(x_k | x_{k-1}, c_i) ]
 
 where each log p is DDPO's per-dimension mean Gaussian log-density (sample.py), so KL_i is the
-single-sample ("k1") estimate of the path KL divided by S * D (carve3d_ddpo_spec Sec. 4.2).
+single-sample ("k1") estimate of the path KL divided by S * D (D = dimensions of one latent).
 
-The config flags keep Carve3D's names and meanings (carve3d_ddpo_spec Sec. 4.2 table):
+The config flags keep the names and meanings of Carve3D's code (desaixie/carve3d carve3d_train.py,
+config/base.py; the final values in config/dgx.py, as its README's "KL-divergence Regularization" says):
     kl_log                       compute the reference log-probs on validation epochs and log val KL
     kl_penalty                   compute them on every sampling epoch and use the KL in training
     kl_in_reward                 put the KL into the advantage (else into the loss with weight kl_beta)
@@ -22,6 +23,8 @@ The config flags keep Carve3D's names and meanings (carve3d_ddpo_spec Sec. 4.2 t
 
 import numpy as np
 import torch
+
+from stat_tracking import PerPromptStatTracker
 
 
 def kl_estimate(log_probs, ref_log_probs):
@@ -62,8 +65,6 @@ def kl_loss_term(log_prob, ref_log_prob, kl_beta):
 
 
 if __name__ == "__main__":
-    from reward import PerPromptStatTracker
-
     # Two prompts, three samples each: the policy drifted further from the reference on sample 2.
     g = torch.Generator().manual_seed(0)
     logp = -1.0 + 0.01 * torch.randn(6, 20, generator=g)

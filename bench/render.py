@@ -1,8 +1,8 @@
-# Speed / memory of reconstruct.py: the tiled PyTorch 3DGS renderer (spec B.6) and the LGM forward (spec B.3).
+# Speed / memory of reconstruct.py: the tiled PyTorch 3DGS renderer and the LGM forward.
 #   python bench/render.py                  # CPU section, plus the CUDA section when a GPU is visible
 #   python bench/render.py --device cuda    # CUDA only (LGM big numbers: 65,536 Gaussians at 256/512 px)
 #   python bench/render.py --quick          # fewer repeats, no sweeps
-# Targets from the brief: LGM big 65,536 Gaussians x 4 views at 512x512 <= 100 ms and <= 8 GB peak (H100);
+# Targets: LGM big 65,536 Gaussians x 4 views at 512x512 <= 100 ms and <= 8 GB peak (H100);
 # toy world on the 2-core CPU: tiny LGM and the 64x64 render of 8 objects x 4 views well under 1 s each.
 import argparse
 import os

@@ -1,4 +1,4 @@
-# bench/reward.py: time of the Carve3D reward (carve3d_ddpo_spec Sec. 1.2), stage by stage.
+# bench/reward.py: time of the Carve3D reward (Carve3D Sec. 3; reward.py), stage by stage.
 #
 #   python bench/reward.py --device cuda     # paper setup, random weights: SD2.1 VAE decode of 4 views
 #                                            # (32x32 latents -> 256 px, bf16), LGM big (bf16), render 4

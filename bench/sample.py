@@ -1,4 +1,4 @@
-# bench/sample.py: cost of sampling DDPO trajectories with the MVDream policy (sample.py, spec Sec. 2).
+# bench/sample.py: cost of sampling DDPO trajectories with the MVDream policy (sample.py).
 #
 #   python bench/sample.py --device cuda   # paper setup, random weights: full-size MVDream, 4 x 256 px views
 #                                          # (4x32x32 latents), LoRA r=4, bf16 autocast, 50 DDIM steps, CFG;

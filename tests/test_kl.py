@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kl import advantages_with_kl, kl_estimate, kl_loss_term
-from reward import PerPromptStatTracker
+from stat_tracking import PerPromptStatTracker
 
 
 def test_kl_estimate_is_mean_over_steps():
@@ -16,7 +16,7 @@ def test_kl_estimate_is_mean_over_steps():
 
 def test_kl_estimate_is_unbiased_for_the_per_dimension_path_kl():
     # x ~ N(mu_theta, s^2) per dim and step: E[KL_hat] = (1/(S D)) sum_k ||mu_theta - mu_ref||^2 / (2 s_k^2)
-    # (carve3d_ddpo_spec Sec. 4.2), with log-probs computed independently by torch.distributions.
+    # (Carve3D Sec. 4.2), with log-probs computed independently by torch.distributions.
     g = torch.Generator().manual_seed(0)
     n, S, D = 4000, 3, 8
     mu_t, mu_r = torch.randn(S, D, generator=g, dtype=torch.float64), torch.randn(S, D, generator=g, dtype=torch.float64)

@@ -8,10 +8,11 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import mvdream
+from support import mvdream_weights
 from mvdream import MVDreamPolicy, MultiViewAttnProcessor, convert_mvdream_checkpoint, get_camera, mvdream_unet
 
-# The 690 UNet keys and shapes of the original checkpoint (spec A.6; list in the project's reference notes,
-# mvdream_unet_keys.txt): sha256 of the sorted "key:d0,d1,..." lines, so the test needs no file outside the repo.
+# The 690 UNet keys and shapes of the original checkpoint (bytedance/MVDream's
+# sd-v2.1-base-4view.pt, model.diffusion_model.*): sha256 of the sorted "key:d0,d1,..." lines, so the test needs no file outside the repo.
 REFERENCE_UNET_KEYS_SHA256 = "f74abac0365360b66df6dd85c00fb8b646ec9c6b35e4f16638e08c6ea719e338"
 VOCAB = ["a", "red", "blue", "green", "cube", "ball", "with", "on", "its", "top"]
 
@@ -35,7 +36,7 @@ def _inputs(policy, B=2, seed=0):
 
 
 def _randomize_zero_tensors(module, seed=0):
-    # spec C.1: zero-initialised tensors would hide whole paths from a comparison
+    # zero-initialised tensors would hide whole paths from a comparison
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
@@ -44,7 +45,7 @@ def _randomize_zero_tensors(module, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------------
-# A.4 cameras: spec test vectors
+# Cameras: values of mvdream/camera_utils.py get_camera
 
 def test_get_camera_elevation_0_vectors():
     expected = torch.tensor([
@@ -62,7 +63,7 @@ def test_get_camera_elevation_15_view0():
     s, c = math.sin(math.radians(15)), math.cos(math.radians(15))
     expected = torch.tensor([[1, 0, 0, 0], [0, s, -c, -c], [0, c, s, s], [0, 0, 0, 1]], dtype=torch.float32)
     torch.testing.assert_close(get_camera(4, elevation=15.0)[0].view(4, 4), expected, atol=1e-6, rtol=0)
-    assert abs(0.2588 - s) < 1e-4 and abs(0.9659 - c) < 1e-4  # the rounded values quoted in spec A.4
+    assert abs(0.2588 - s) < 1e-4 and abs(0.9659 - c) < 1e-4  # cos/sin of 15 degrees
 
 
 def test_get_camera_azimuths_and_no_blender():
@@ -144,19 +145,19 @@ def test_full_size_policy_on_meta():
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         eps = policy(x, torch.full((1,), 500, device="meta"), emb, 1.0)
     assert eps.shape == x.shape
-    assert abs(counter.get_total_flops() / 1e9 - 816.2) < 0.5  # anchors.md Sec. 3.2 (4 views, joint attention)
+    assert abs(counter.get_total_flops() / 1e9 - 816.2) < 0.5  # 4 views, joint attention (counted once by hand)
     assert policy.decode(x).shape == (1, 4, 3, 256, 256)
 
 
 def test_full_size_unet_config_on_meta():
     unet = _meta(lambda: mvdream_unet("sd21-4view"))
-    assert sum(p.numel() for p in unet.parameters()) == 867_572_164  # spec A.1
+    assert sum(p.numel() for p in unet.parameters()) == 867_572_164  # MVDream sd-v2-base.yaml
     assert len(unet.state_dict()) == 690
-    assert sum(isinstance(p, MultiViewAttnProcessor) for p in unet.attn_processors.values()) == 16  # spec A.1
+    assert sum(isinstance(p, MultiViewAttnProcessor) for p in unet.attn_processors.values()) == 16  # MVDream sd-v2-base.yaml
 
 
 # ---------------------------------------------------------------------------------------------------
-# A.6 checkpoint conversion. Inverse maps written from the spec A.6 table, independently of diffusers.
+# Checkpoint conversion. Inverse maps written from the LDM naming, independently of diffusers.
 
 _RES_INV = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
             "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -209,7 +210,7 @@ def test_inverse_map_reproduces_the_reference_key_list():
     assert len(ref) == 690
     canon = "\n".join(f"{k}:{','.join(map(str, ref[k]))}" for k in sorted(ref))
     assert hashlib.sha256(canon.encode()).hexdigest() == REFERENCE_UNET_KEYS_SHA256
-    # a few entries quoted in spec A.2 / A.6
+    # a few entries of the LDM -> diffusers naming
     assert ref["camera_embed.0.weight"] == (1280, 16) and ref["camera_embed.2.weight"] == (1280, 1280)
     assert ref["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] == (320, 1024)
     assert ref["input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight"] == (2560, 320)
@@ -217,7 +218,7 @@ def test_inverse_map_reproduces_the_reference_key_list():
 
 
 def _vae_ldm_keys():
-    vae = _meta(lambda: AutoencoderKL(**mvdream.SD21_VAE_CONFIG))
+    vae = _meta(lambda: AutoencoderKL(**mvdream_weights.SD21_VAE_CONFIG))
     out = {}
     attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
     for k, v in vae.state_dict().items():
@@ -238,7 +239,7 @@ def _vae_ldm_keys():
         elif m := re.fullmatch(r"decoder\.up_blocks\.(\d)\.upsamplers\.0\.(.+)", n):
             n = f"decoder.up.{3 - int(m[1])}.upsample.{m[2]}"
         out[n] = shape
-    assert len(out) == 248  # spec A.6
+    assert len(out) == 248  # the SD 2.1 VAE's tensors
     return out
 
 
@@ -265,7 +266,7 @@ def _original_checkpoint():
     sd = _meta_sd(_reference_keys(), "model.diffusion_model.")
     sd.update(_meta_sd(_vae_ldm_keys(), "first_stage_model."))
     sd.update(_meta_sd(_openclip_text_keys(), "cond_stage_model.model."))
-    sd.update({k: torch.empty(1000, device="meta") for k in mvdream.LDM_SCHEDULE_BUFFERS})
+    sd.update({k: torch.empty(1000, device="meta") for k in mvdream_weights.LDM_SCHEDULE_BUFFERS})
     return sd
 
 
@@ -275,9 +276,9 @@ def test_convert_original_layout_loads_strictly():
     assert len(parts["unet"]) == 690 and len(parts["vae"]) == 248
     unet = _meta(lambda: mvdream_unet("sd21-4view"))
     unet.load_state_dict(parts["unet"], strict=True, assign=True)
-    vae = _meta(lambda: AutoencoderKL(**mvdream.SD21_VAE_CONFIG))
+    vae = _meta(lambda: AutoencoderKL(**mvdream_weights.SD21_VAE_CONFIG))
     vae.load_state_dict(parts["vae"], strict=True, assign=True)
-    text = _meta(lambda: CLIPTextModel(CLIPTextConfig(**mvdream.SD21_TEXT_CONFIG)))
+    text = _meta(lambda: CLIPTextModel(CLIPTextConfig(**mvdream_weights.SD21_TEXT_CONFIG)))
     text.load_state_dict(parts["text_encoder"], strict=True, assign=True)
     assert tuple(unet.class_embedding.linear_1.weight.shape) == (1280, 16)
 
@@ -333,7 +334,7 @@ def test_tiny_ldm_round_trip_numerics():
 # Tokenizer, text, CFG, decode
 
 def test_word_tokenizer():
-    tok = mvdream.WordTokenizer(["a", "red", "cube"], max_length=6)
+    tok = mvdream_weights.WordTokenizer(["a", "red", "cube"], max_length=6)
     ids = tok(["A red, cube!", ""])
     assert ids.tolist() == [[1, 3, 4, 5, 2, 0], [1, 2, 0, 0, 0, 0]]
     with pytest.raises(KeyError, match="'sphere'"):
@@ -475,13 +476,13 @@ def test_port_folder_parts_load_strictly(tmp_path):
     from safetensors.torch import load_file, save_file
     text = CLIPTextModel(CLIPTextConfig(**mvdream.tiny_text_config(20, 16)))
     text.save_pretrained(tmp_path)
-    loaded = mvdream._from_pretrained_strict(CLIPTextModel, tmp_path)
+    loaded = mvdream_weights._from_pretrained_strict(CLIPTextModel, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(text.state_dict().values(), loaded.state_dict().values()))
     sd = load_file(tmp_path / "model.safetensors")
     sd.pop(next(k for k in sd if "final_layer_norm.weight" in k))
     save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(KeyError, match="final_layer_norm"):
-        mvdream._from_pretrained_strict(CLIPTextModel, tmp_path)
+        mvdream_weights._from_pretrained_strict(CLIPTextModel, tmp_path)
 
 
 def test_from_pretrained_offline_names_what_to_download(tmp_path):

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from ppo import BatchPlan, ppo_loss, shuffle_samples
+from ppo import ppo_loss, shuffle_samples
+from support.batch_plan import BatchPlan
 
 
 def test_ppo_loss_matches_hand_computation():

@@ -1,6 +1,6 @@
-# Tests for reconstruct.py: cameras/rays (spec B.2), the 3DGS renderer against an independent per-pixel
-# reference written here from spec B.6, closed forms, gradcheck, and the LGM U-Net / checkpoint handling
-# (spec B.3, B.4, C.3 items 6-7).
+# Tests for reconstruct.py: cameras/rays (kiui/cam.py, LGM core/utils.py), the 3DGS renderer against an
+# independent per-pixel reference written here from Inria's forward.cu, closed forms, gradcheck, and the LGM
+# U-Net / checkpoint handling (LGM core/unet.py, core/models.py).
 import math
 import os
 import sys
@@ -19,7 +19,7 @@ KEYS_FILE = Path(__file__).parent / "data" / "lgm_big_keys.txt"  # copy of share
 
 
 # ------------------------------------------------------------------------------------------------------
-# Independent reference rasterizer: plain Python loops over pixels and Gaussians, float64, spec B.5/B.6.
+# Independent reference rasterizer: plain Python loops over pixels and Gaussians, float64, Inria's forward.cu.
 # ------------------------------------------------------------------------------------------------------
 
 
@@ -164,7 +164,7 @@ def test_render_high_opacity_early_stop():
 
 
 def _place(c2w_gl, u, v, z, H, W):
-    # world point that projects to pixel (u, v) at camera depth z (inverse of spec B.6 step 2)
+    # world point that projects to pixel (u, v) at camera depth z (inverse of the projection)
     tan_y = math.tan(math.radians(FOVY) / 2)
     tan_x = tan_y * W / H
     xc = (2 * u + 1 - W) / W * tan_x * z
@@ -285,11 +285,11 @@ def test_render_rejects_bad_input():
 
 
 # ------------------------------------------------------------------------------------------------------
-# Cameras and rays (spec B.2, B.7)
+# Cameras and rays (kiui/cam.py, LGM core/utils.py, app.py)
 # ------------------------------------------------------------------------------------------------------
 
 
-def test_plucker_rays_spec_values():
+def test_plucker_rays_reference_values():
     rays = R.plucker_rays(R.standard_cameras(0.0, 1.5), FOVY, 256, 256)
     assert rays.shape == (4, 6, 256, 256) and rays.dtype == torch.float32
     expect = {(0, 0, 0): (-0.57394, -0.57394, 0, -0.38263, 0.38263, -0.84095),
@@ -336,7 +336,7 @@ def test_rays_and_renderer_share_pixel_convention():
 
 
 # ------------------------------------------------------------------------------------------------------
-# LGM network (spec B.3, B.4) and checkpoints
+# LGM network (LGM core/unet.py, core/models.py) and checkpoints
 # ------------------------------------------------------------------------------------------------------
 
 
@@ -365,7 +365,7 @@ def test_lgm_tiny_outputs_and_activations():
     cfg = model.config
     assert x.shape == (2, 4, 9, 64, 64)
     rgb = F.interpolate(views.reshape(8, 3, 80, 80), size=(64, 64), mode="bilinear", align_corners=False)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet (spec B.2)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet
     torch.testing.assert_close(x[:, :, :3], ((rgb - mean[:, None, None]) / std[:, None, None]).reshape(2, 4, 3, 64, 64))
     torch.testing.assert_close(x[0, :, 3:], R.plucker_rays(R.standard_cameras(), cfg.fovy, 64, 64))
     assert g.shape == (2, 4 * 32 * 32, 14) == (2, cfg.num_gaussians, 14)
@@ -384,7 +384,7 @@ def test_lgm_tiny_outputs_and_activations():
 
 
 def functional_lgm(sd, cfg, x, swap_skips=False):
-    # spec B.3/B.4 written out with torch.nn.functional on the state dict only (independent of the modules)
+    # LGM core/unet.py + core/models.py written out with torch.nn.functional on the state dict only (independent of the modules)
     def gn(h, p):
         return F.group_norm(h, cfg.norm_groups, sd[p + ".weight"], sd[p + ".bias"], 1e-5)
 
@@ -435,7 +435,7 @@ def functional_lgm(sd, cfg, x, swap_skips=False):
                       q / q.norm(dim=-1, keepdim=True).clamp(min=1e-12), 0.5 * torch.tanh(h[..., 11:]) + 0.5], -1)
 
 
-def test_lgm_unet_matches_functional_spec():
+def test_lgm_unet_matches_functional_reference():
     model = _tiny(3).double()
     sd = model.state_dict()
     x = torch.randn(2, 4, 9, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -456,7 +456,7 @@ def test_mv_attention_matches_manual_softmax():
         p.data = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3
     x = torch.randn(2 * 4, 16, 3, 5, generator=gen, dtype=torch.float64)
     y = attn(x)
-    # spec B.3 by hand: tokens of all 4 views, view-major, 4 heads of 4 channels
+    # LGM's MVAttention by hand: tokens of all 4 views, view-major, 4 heads of 4 channels
     n = F.group_norm(x, 4, attn.norm.weight, attn.norm.bias, 1e-5)
     expect = torch.empty_like(x)
     for b in range(2):

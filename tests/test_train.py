@@ -18,8 +18,10 @@ from safetensors.torch import load_file
 import toy
 import train
 from mvdream import MVDreamPolicy
-from ppo import BatchPlan, ppo_update
-from reward import PerPromptStatTracker
+from ppo import ppo_update
+from stat_tracking import PerPromptStatTracker
+from support import checkpoint, prompts as prompt_sources
+from support.batch_plan import BatchPlan
 from sample import sample_trajectories
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,8 +156,8 @@ def test_two_ranks_end_identical_and_gradients_are_all_reduced(tmp_path):
     assert [r["epoch"] for r in m] == [0, 1]
     assert m[1]["ratio_dev"] <= 1e-5 and m[1]["clipfrac"] == 0.0
     cfg = train.load_config(TOY_YAML, overrides(run_dir))
-    prompts = train.load_prompts(cfg.train_prompts, cfg.num_train_prompts)
-    e1 = [p for r in range(2) for p in train.epoch_prompts(cfg, prompts, 1, r, 2, 2)]
+    prompts = prompt_sources.load_prompts(cfg.train_prompts, cfg.num_train_prompts)
+    e1 = [p for r in range(2) for p in prompt_sources.epoch_prompts(cfg, prompts, 1, r, 2, 2)]
     adv = hand_advantages(r0["trackers"], e1, 0.2)
     assert m[1]["loss"] == pytest.approx(-float(np.mean(adv)), rel=1e-4, abs=1e-6)
     assert abs(np.mean(adv[:2]) - np.mean(adv)) > 1e-3  # rank 0's own mean would differ
@@ -284,8 +286,8 @@ def hand_advantages(trackers, last_prompts, coeff):
 def test_loss_uses_z_reward_minus_02_z_kl(run_a):
     dir_a, state = run_a
     cfg = train.load_config(TOY_YAML, overrides(dir_a, num_epochs=3))
-    prompts = train.load_prompts(cfg.train_prompts, cfg.num_train_prompts)
-    e2 = train.epoch_prompts(cfg, prompts, 2, 0, 1, 2)  # the 2 prompts of epoch 2, in sample order
+    prompts = prompt_sources.load_prompts(cfg.train_prompts, cfg.num_train_prompts)
+    e2 = prompt_sources.epoch_prompts(cfg, prompts, 2, 0, 1, 2)  # the 2 prompts of epoch 2, in sample order
     trackers = {k: t.state_dict() for k, t in state["trackers"].items()}
     # On-policy (ratio 1 up to 1e-5, test 4): loss = mean over samples of -A.
     loss = read_metrics(dir_a)[2]["loss"]
@@ -437,18 +439,18 @@ def test_nonfinite_skip_is_decided_on_every_rank(tmp_path):
 def test_latest_checkpoint_ignores_incomplete(tmp_path):
     cfg = train.load_config(TOY_YAML, [f"run_dir={tmp_path}"])
     root = tmp_path / "checkpoints"
-    assert train.latest_checkpoint(cfg) is None
+    assert checkpoint.latest_checkpoint(cfg) is None
     for name, complete in [("epoch_0001", True), ("epoch_0002", True), ("epoch_0003", False),
                            (".tmp_epoch_0004", True), ("epoch_0005.old", True)]:
         (root / name).mkdir(parents=True)
         if complete:
             (root / name / "trainer_state.json").write_text("{}")
-    assert train.latest_checkpoint(cfg) == str(root / "epoch_0002")
+    assert checkpoint.latest_checkpoint(cfg) == str(root / "epoch_0002")
     # Epoch numbers past the 4-digit padding still sort numerically.
     for name in ("epoch_9999", "epoch_10000"):
         (root / name).mkdir()
         (root / name / "trainer_state.json").write_text("{}")
-    assert train.latest_checkpoint(cfg) == str(root / "epoch_10000")
+    assert checkpoint.latest_checkpoint(cfg) == str(root / "epoch_10000")
 
 
 def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
@@ -458,16 +460,16 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
     policy, _, params, optimizer, _ = _tiny_setup()
     trackers = {"reward": PerPromptStatTracker(4, 1), "kl": PerPromptStatTracker(4, 1)}
     trackers["reward"].update(["a red cube"], [0.5])
-    train.save_checkpoint(cfg, 0, policy, optimizer, trackers, {"global_step": 0}, rank=0)
-    assert train.latest_checkpoint(cfg) == ckpt(tmp_path, 0)
+    checkpoint.save_checkpoint(cfg, 0, policy, optimizer, trackers, {"global_step": 0}, rank=0)
+    assert checkpoint.latest_checkpoint(cfg) == ckpt(tmp_path, 0)
     with pytest.raises(TypeError):
-        train.save_checkpoint(cfg, 1, policy, optimizer, trackers, {"global_step": torch.tensor(1)}, rank=0)
+        checkpoint.save_checkpoint(cfg, 1, policy, optimizer, trackers, {"global_step": torch.tensor(1)}, rank=0)
     assert os.path.isfile(tmp_path / "checkpoints" / ".tmp_epoch_0001" / "trainer_state.json")
-    assert train.latest_checkpoint(cfg) == ckpt(tmp_path, 0)
+    assert checkpoint.latest_checkpoint(cfg) == ckpt(tmp_path, 0)
     # The complete checkpoint loads back into a fresh setup.
     policy2, _, _, optimizer2, _ = _tiny_setup(seed=1)
     trackers2 = {"reward": PerPromptStatTracker(4, 1), "kl": PerPromptStatTracker(4, 1)}
-    state = train.load_checkpoint(train.latest_checkpoint(cfg), policy2, optimizer2, trackers2, rank=0)
+    state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(cfg), policy2, optimizer2, trackers2, rank=0)
     assert state["epoch"] == 0 and trackers2["reward"].state_dict() == trackers["reward"].state_dict()
     assert_same(policy2.lora_state_dict(), policy.lora_state_dict(), "lora")
 
@@ -499,7 +501,7 @@ def test_restart_after_crash_mid_save_redoes_the_epoch_once(run_a, tmp_path):
     dir_c = tmp_path / "run_c"
     run_train(dir_c, num_epochs=2)
     os.remove(os.path.join(ckpt(dir_c, 1), "trainer_state.json"))  # the marker is written last
-    assert train.latest_checkpoint(train.load_config(TOY_YAML, overrides(dir_c))) == ckpt(dir_c, 0)
+    assert checkpoint.latest_checkpoint(train.load_config(TOY_YAML, overrides(dir_c))) == ckpt(dir_c, 0)
     run_train(dir_c, num_epochs=2)
     assert [r["epoch"] for r in read_metrics(dir_c)] == [0, 1]
     assert read_metrics(dir_c)[1]["loss"] == read_metrics(dir_a)[1]["loss"]

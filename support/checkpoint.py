@@ -1,0 +1,77 @@
+# Checkpoints that are never half-written and resume exactly: rank 0 writes into a temporary directory and
+# renames it when complete (atomic on POSIX); trainer_state.json, written last, marks completeness. Every rank
+# enters save/load together and meets at a barrier, never inside a collective that only rank 0 runs (the
+# multi-GPU hang of ddpo-pytorch issue #13). Support code for train.py.
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+
+from support.devices import barrier, gather_list
+
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_dir(cfg):
+    return os.path.join(cfg.run_dir, "checkpoints")
+
+
+def latest_checkpoint(cfg):
+    root = checkpoint_dir(cfg)
+    if not os.path.isdir(root):
+        return None
+    # By epoch number (epoch_10000 after epoch_9999); only epoch_<N> dirs with their marker file count.
+    done = sorted((int(m.group(1)), d) for d in os.listdir(root) if (m := re.fullmatch(r"epoch_(\d+)", d)) and
+                  os.path.isfile(os.path.join(root, d, STATE_FILE)))
+    return os.path.join(root, done[-1][1]) if done else None
+
+
+def save_checkpoint(cfg, epoch, policy, optimizer, trackers, counters, rank):
+    rng = gather_list([{"torch": torch.get_rng_state().tolist(), "numpy": np.random.get_state()[1].tolist(),
+                        "python": random.getstate()[1]}])
+    if rank == 0:
+        root = checkpoint_dir(cfg)
+        final = os.path.join(root, f"epoch_{epoch:04d}")
+        tmp = os.path.join(root, f".tmp_epoch_{epoch:04d}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        # Standard diffusers/peft LoRA file (pytorch_lora_weights.safetensors, alpha in its header):
+        # diffusers' load_lora_weights / unet.load_lora_adapter and evaluate.py --lora read it.
+        policy.save_lora(tmp)
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(rng, os.path.join(tmp, "rng_states.pt"))
+        state = {"epoch": epoch, "counters": counters,
+                 "trackers": {k: t.state_dict() for k, t in trackers.items()},
+                 "config": dataclasses.asdict(cfg)}
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:  # written last: the completeness marker
+            json.dump(state, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    barrier()
+
+
+def load_checkpoint(path, policy, optimizer, trackers, rank):
+    with open(os.path.join(path, STATE_FILE)) as f:
+        state = json.load(f)
+    policy.load_lora(path)
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu"))
+    for k, t in trackers.items():
+        t.load_state_dict(state["trackers"][k])
+    rng = torch.load(os.path.join(path, "rng_states.pt"), weights_only=False)
+    if rank < len(rng):
+        torch.set_rng_state(torch.tensor(rng[rank]["torch"], dtype=torch.uint8))
+    return state
+
+
+def resume(cfg, policy, optimizer, trackers, counters, rank):
+    """-> (checkpoint path or None, first epoch to run, counters), after loading the checkpoint if any."""
+    ckpt = None if cfg.resume == "never" else (latest_checkpoint(cfg) if cfg.resume == "auto" else cfg.resume)
+    if not ckpt:
+        return None, 0, counters
+    state = load_checkpoint(ckpt, policy, optimizer, trackers, rank)
+    return ckpt, state["epoch"] + 1, state["counters"]
