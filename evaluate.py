@@ -28,34 +28,14 @@ from reward import MRCReward, load_lpips
 from sample import sample_trajectories
 from support.devices import autocast
 from support.images import line_plot, save_grid
-
-
-def _generator(device, *parts):
-    seed = 0
-    for p in parts:
-        seed = (seed * 1_000_003 + int(p)) % (1 << 62)
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def load_prompts(source, limit):
-    if source.startswith("toy:"):
-        prompts = toy.test_prompts() if source == "toy:test" else toy.train_prompts()
-        if source not in ("toy:test", "toy:train"):
-            raise ValueError(f"--prompts {source!r}: use toy:test, toy:train or a text file")
-        # spread the subset over the whole list (the grammar enumerates colours first)
-        step = max(1, len(prompts) // limit) if limit else 1
-        return prompts[::step][:limit] if limit else prompts
-    if not os.path.isfile(source):
-        raise FileNotFoundError(f"--prompts {source!r} not found (one prompt per line, '#' comments)")
-    with open(source) as f:
-        prompts = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-    return prompts[:limit] if limit else prompts
+from support.prompts import load_prompts
+from support.seeding import make_generator
 
 
 def generate(args, prompts, device):
     """(P, S, 4, 3, H, W) samples of the checkpoint (or ground-truth renders) with fixed noise."""
     if args.ground_truth:
-        objs = torch.stack([toy.make_object(p, _generator("cpu", args.seed, i, s))
+        objs = torch.stack([toy.make_object(p, make_generator("cpu", args.seed, "object", i, s))
                             for i, p in enumerate(prompts) for s in range(args.seeds)]).to(device)
         views = torch.cat([toy.render_views(objs[i:i + 64], args.elevation) for i in range(0, len(objs), 64)])
         return views.view(len(prompts), args.seeds, *views.shape[1:])
@@ -67,12 +47,12 @@ def generate(args, prompts, device):
     out = []
     for b in range(0, len(flat), args.batch_size):
         chunk = flat[b:b + args.batch_size]
-        noise = torch.cat([torch.randn(1, policy.num_views, C, h, w, generator=_generator("cpu", args.seed, i, s))
-                           for i, s in chunk])
+        noise = torch.cat([torch.randn(1, policy.num_views, C, h, w,
+                                       generator=make_generator("cpu", args.seed, "noise", i, s)) for i, s in chunk])
         with torch.no_grad(), autocast(device):
             traj = sample_trajectories(policy, [prompts[i] for i, _ in chunk], num_steps=args.num_steps,
                                        guidance_scale=args.guidance_scale, eta=args.eta, initial_noise=noise.to(device),
-                                       generator=_generator(device, args.seed, 7919, b))
+                                       generator=make_generator(device, args.seed, "steps", b))
         out.append(traj["views"].float())
     views = torch.cat(out)
     return views.view(len(prompts), args.seeds, *views.shape[1:])
@@ -131,7 +111,8 @@ def evaluate(args, device):
 def robustness(args, device):
     prompts = load_prompts(args.prompts, args.num_prompts)
     reward_fn, _ = build_reward(args, device)
-    objs = torch.stack([toy.make_object(p, _generator("cpu", args.seed, i)) for i, p in enumerate(prompts)])
+    objs = torch.stack([toy.make_object(p, make_generator("cpu", args.seed, "object", i, 0))
+                        for i, p in enumerate(prompts)])
     views = toy.render_views(objs.to(device), args.elevation)
     levels = list(range(args.levels + 1))
     table = {}
@@ -140,7 +121,8 @@ def robustness(args, device):
         for level in levels:
             distorted = views.clone()
             for i in range(len(prompts)):   # distort MVDream view 1 of every object
-                distorted[i, 1] = toy.distort_view(views[i, 1], kind, level, _generator("cpu", args.seed, 31, i))
+                g = make_generator("cpu", args.seed, "distortion", i)
+                distorted[i, 1] = toy.distort_view(views[i, 1], kind, level, g)
             row.append(reward_fn(distorted)["mrc"].mean().item())
         table[kind] = row
     monotone = {k: all(b > a for a, b in zip(v, v[1:])) for k, v in table.items()}

@@ -37,6 +37,8 @@ from reward import load_lpips
 from sample import sample_trajectories
 from support.devices import autocast
 from support.images import save_grid
+from support.prompts import load_prompts
+from support.seeding import make_generator
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,13 +47,13 @@ from support.images import save_grid
 def _object(args):
     torch.set_num_threads(1)  # many small workers, not many threads each
     seed, index, prompt = args
-    return toy.make_object(prompt, torch.Generator().manual_seed(seed * 1_000_003 + index))
+    return toy.make_object(prompt, make_generator("cpu", seed, "object", index))
 
 
 def make_bank(n, seed, device, workers=0):
     """n objects cycling over the (shuffled) training prompts; object i depends only on (seed, i)."""
-    prompts = toy.train_prompts()
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    prompts = load_prompts("toy:train")
+    order = torch.randperm(len(prompts), generator=make_generator("cpu", seed, "bank")).tolist()
     jobs = [(seed, i, prompts[order[i % len(prompts)]]) for i in range(n)]
     if workers > 1:
         with get_context("fork").Pool(workers) as pool:
@@ -77,12 +79,12 @@ def train_mvdream(args, device):
     ema = copy.deepcopy(policy).requires_grad_(False)
     bank = make_bank(args.bank, args.seed, device, args.workers)
     latents = policy.encode(bank["views"])                         # pixel-unshuffled 12x32x32 per view
-    g = torch.Generator(device=device).manual_seed(args.seed)
+    g = make_generator(device, args.seed, "sft-mvdream")
     sched = policy.scheduler
     alphas = sched.alphas_cumprod.to(device)
     snapshots = dict(s.split(":", 1) for s in args.snapshot)
     snapshots = {int(k): v for k, v in snapshots.items()}
-    grid_prompts = toy.test_prompts()[:: max(1, len(toy.test_prompts()) // 4)][:4]
+    grid_prompts = load_prompts("toy:test", 4)
     print(f"tiny MVDream: {sum(p.numel() for p in params) / 1e6:.2f} M trainable params, bank {args.bank} objects")
     t0, log = time.time(), []
     for step in tqdm(range(1, args.steps + 1), desc="sft mvdream"):
@@ -116,7 +118,7 @@ def train_mvdream(args, device):
         if step % args.sample_every == 0 or step in snapshots or step == args.steps:
             ema.refresh_negative_embeds()  # the text encoder trained: re-encode the empty prompt
             traj = sample_trajectories(ema, grid_prompts, num_steps=20, guidance_scale=5.0, eta=1.0,
-                                       generator=torch.Generator(device=device).manual_seed(0))
+                                       generator=make_generator(device, args.seed, "grid"))
             save_grid(os.path.join(args.log_dir, f"mvdream_step{step:06d}.png"), traj["views"], grid_prompts)
             tqdm.write(f"step {step}: loss {loss.item():.4f}")
         if step in snapshots:
@@ -154,7 +156,7 @@ def train_lgm(args, device):
     lpips_model = load_lpips("alex").to(device)
     opt = torch.optim.AdamW(lgm.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95))
     bank = make_bank(args.bank, args.seed, device, args.workers)
-    g = torch.Generator().manual_seed(args.seed)
+    g = make_generator("cpu", args.seed, "sft-lgm")
     cams_in = reconstruct.standard_cameras(-toy.TOY.elevation, toy.TOY.radius).to(device)
     res = toy.TOY.resolution
     print(f"tiny LGM: {sum(p.numel() for p in lgm.parameters()) / 1e6:.2f} M params, bank {args.bank} objects")

@@ -8,7 +8,10 @@ from support.seeding import make_generator
 
 
 def load_prompts(source, limit=0):
-    """toy:train, toy:test (the toy world's splits) or a text file (one prompt per line, # comments)."""
+    """toy:train, toy:test (the toy world's splits) or a text file (one prompt per line, # comments).
+
+    limit N > 0 keeps N prompts evenly spaced over the source (the first N when it holds fewer than 2N):
+    the toy grammar enumerates colours first, so its first N prompts would all be red."""
     if source.startswith("toy:"):
         split = source.split(":", 1)[1]
         if split not in ("train", "test"):
@@ -21,7 +24,7 @@ def load_prompts(source, limit=0):
             prompts = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
         raise ValueError(f"prompt source {source!r} holds no prompts")
-    return prompts[:limit] if limit else prompts
+    return prompts[::max(1, len(prompts) // limit)][:limit] if limit else prompts
 
 
 def epoch_prompts(cfg, prompts, epoch, rank, world, samples_per_rank):

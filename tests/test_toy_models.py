@@ -21,6 +21,7 @@ import toy
 from mvdream import MVDreamPolicy
 from sample import sample_trajectories
 from support import images
+from support.seeding import make_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints" / "toy"
@@ -218,7 +219,7 @@ def test_evaluate_ground_truth_matches_an_independent_recomputation(tmp_path, sh
     # evaluate's fixed-noise seed (seed, i, s), rendered at elevation 15; MRC, fidelity, diversity by hand
     prompts = evaluate.load_prompts("toy:test", 2)
     assert prompts == toy.test_prompts()[:: len(toy.test_prompts()) // 2][:2]
-    objs = torch.stack([toy.make_object(p, evaluate._generator("cpu", 0, i, s))
+    objs = torch.stack([toy.make_object(p, make_generator("cpu", 0, "object", i, s))
                         for i, p in enumerate(prompts) for s in range(2)])
     views = toy.render_views(objs)                                           # (P*S, 4, 3, 64, 64)
     mrc = reward.MRCReward(shipped_lgm, alex, elevation=15.0)(views)["mrc"]
