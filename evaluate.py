@@ -12,7 +12,9 @@ two checkpoints are compared on identical noise, as Carve3D compares base and fi
              ground-truth renders of the prompt at that camera (1 = matches, 0 = empty or wrong colour).
   diversity  mean over prompts of the mean pairwise LPIPS-AlexNet between the samples of that prompt
              (averaged over the 4 views); Carve3D's claim is that RL keeps it while longer SFT loses it.
-Writes metrics.json and grid.png (first sample of each of the first 8 prompts, captioned with MRC).
+Writes metrics.json and grid.png (first sample of each of the first 8 prompts, captioned with MRC); with --orbit N
+also orbit/NN_<prompt>.ply and .gif: the 3D Gaussians the reward reconstructs from the first sample of each of the
+first N prompts, and an orbit around them (view3d.py).
 """
 
 import argparse
@@ -25,37 +27,23 @@ import toy
 from mvdream import MVDreamPolicy
 from reconstruct import LGM
 from reward import MRCReward, load_lpips
-from sample import sample_trajectories
+from sample import sample_fixed_noise
 from support.devices import autocast
 from support.images import line_plot, save_grid
 from support.prompts import load_prompts
 from support.seeding import make_generator
+from view3d import ORBIT_SIZE, export_object, slug
 
 
 def generate(args, prompts, device):
     """(P, S, 4, 3, H, W) samples of the checkpoint (or ground-truth renders) with fixed noise."""
     if args.ground_truth:
-        objs = torch.stack([toy.make_object(p, make_generator("cpu", args.seed, "object", i, s))
-                            for i, p in enumerate(prompts) for s in range(args.seeds)]).to(device)
-        views = torch.cat([toy.render_views(objs[i:i + 64], args.elevation) for i in range(0, len(objs), 64)])
-        return views.view(len(prompts), args.seeds, *views.shape[1:])
+        return toy.ground_truth_views(prompts, args.seeds, args.seed, args.elevation, device)
     policy = MVDreamPolicy.from_pretrained(args.checkpoint).to(device).eval()
     if args.lora:
         policy.load_lora(args.lora)
-    C, h, w = policy.latent_shape
-    flat = [(i, s) for i in range(len(prompts)) for s in range(args.seeds)]
-    out = []
-    for b in range(0, len(flat), args.batch_size):
-        chunk = flat[b:b + args.batch_size]
-        noise = torch.cat([torch.randn(1, policy.num_views, C, h, w,
-                                       generator=make_generator("cpu", args.seed, "noise", i, s)) for i, s in chunk])
-        with torch.no_grad(), autocast(device):
-            traj = sample_trajectories(policy, [prompts[i] for i, _ in chunk], num_steps=args.num_steps,
-                                       guidance_scale=args.guidance_scale, eta=args.eta, initial_noise=noise.to(device),
-                                       generator=make_generator(device, args.seed, "steps", b))
-        out.append(traj["views"].float())
-    views = torch.cat(out)
-    return views.view(len(prompts), args.seeds, *views.shape[1:])
+    return sample_fixed_noise(policy, prompts, args.seeds, seed=args.seed, num_steps=args.num_steps,
+                              guidance_scale=args.guidance_scale, eta=args.eta, batch_size=args.batch_size)
 
 
 def build_reward(args, device):
@@ -100,6 +88,9 @@ def evaluate(args, device):
     m = mrc.view(len(prompts), args.seeds)
     save_grid(os.path.join(args.out, "grid.png"), views[:n, 0],
               [f"{p} | MRC {m[i, 0].item():.3f}" for i, p in enumerate(prompts[:n])])
+    for i, prompt in enumerate(prompts[:args.orbit]):
+        prefix = os.path.join(args.out, "orbit", f"{i:02d}_{slug(prompt)}")
+        export_object(prefix, reward_fn, views[i, 0], args.orbit_size)  # 3D result of the first sample
     return metrics
 
 
@@ -160,6 +151,8 @@ def main(argv=None):
     p.add_argument("--levels", type=int, default=4, help="robustness: distortion levels after 0")
     p.add_argument("--batch-size", type=int, default=16, help="objects per sampling / reward batch")
     p.add_argument("--seed", type=int, default=0, help="base seed of the fixed noise")
+    p.add_argument("--orbit", type=int, default=0, help="write orbit/NN_<prompt>.ply and .gif for the first N prompts")
+    p.add_argument("--orbit-size", type=int, default=ORBIT_SIZE, help="orbit GIF frame size in pixels")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -168,6 +161,8 @@ def main(argv=None):
         return
     if args.seeds < 1:
         raise ValueError("--seeds must be >= 1")
+    if args.orbit < 0:
+        raise ValueError("--orbit must be >= 0 (number of prompts to export in 3D)")
     metrics = evaluate(args, device)
     print(json.dumps({k: v for k, v in metrics.items() if k != "options"}, indent=1))
 

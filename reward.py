@@ -118,6 +118,12 @@ def mrc(views, renders, lpips_model, size=None, per_view=False):
 # 2. The reward: views -> LGM -> Gaussians -> renders at the same cameras -> MRC (Carve3D Fig. 2)
 
 
+def _check_views(views):
+    if not torch.is_tensor(views) or views.dim() != 5 or tuple(views.shape[1:3]) != (4, 3):
+        got = tuple(views.shape) if torch.is_tensor(views) else type(views).__name__
+        raise ValueError(f"views must be (B, 4, 3, H, W) in MVDream view order, got {got}")
+
+
 class MRCReward:
     def __init__(self, lgm, lpips_model, elevation=0.0, lpips_size=None):
         self.lgm = lgm
@@ -132,10 +138,17 @@ class MRCReward:
         self.cameras = reconstruct.mvdream_view_cameras(self.elevation, radius=lgm.config.cam_radius)[self.to_lgm]
 
     @torch.no_grad()
+    def reconstruct(self, views):
+        # (B, 4, 3, H, W) views in MVDream order -> (B, N, 14) Gaussians in LGM's world frame: exactly what
+        # __call__ renders, so a .ply or an orbit of them (view3d.py) shows the 3D object the reward scored.
+        _check_views(views)
+        param = next(self.lgm.parameters())
+        views = views.to(param.device)
+        return self.lgm.reconstruct(views[:, self.to_lgm].to(param.dtype), self.cameras.to(param.device))
+
+    @torch.no_grad()
     def __call__(self, views):
-        if not torch.is_tensor(views) or views.dim() != 5 or tuple(views.shape[1:3]) != (4, 3):
-            got = tuple(views.shape) if torch.is_tensor(views) else type(views).__name__
-            raise ValueError(f"views must be (B, 4, 3, H, W) in MVDream view order, got {got}")
+        _check_views(views)
         height, width = views.shape[-2:]
         if height != width:
             raise ValueError(f"views must be square (Carve3D's crop box assumes it), got H={height}, W={width}")
@@ -143,7 +156,7 @@ class MRCReward:
         views = views.to(param.device)
         c2w = self.cameras.to(param.device)
 
-        gaussians = self.lgm.reconstruct(views[:, self.to_lgm].to(param.dtype), c2w)
+        gaussians = self.reconstruct(views)
         # Render at the *input* resolution (not LGM's output_size): the crop box is found on the view
         # and applied to the render in the same pixel coordinates.
         out = reconstruct.render_gaussians(gaussians.float(), c2w, self.lgm.config.fovy, height, width, background=1.0)

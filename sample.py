@@ -19,6 +19,9 @@ import math
 
 import torch
 
+from support.devices import autocast
+from support.seeding import make_generator
+
 
 def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_sample=None, generator=None):
     cfg = scheduler.config
@@ -107,6 +110,29 @@ def sample_trajectories(policy, prompts, *, num_steps, guidance_scale, eta=1.0, 
     if with_reference:
         out["ref_log_probs"] = torch.stack(ref_log_probs, dim=1)
     return out
+
+
+@torch.no_grad()
+def sample_fixed_noise(policy, prompts, num_samples, *, seed, num_steps, guidance_scale, eta, batch_size):
+    # Evaluation samples (P, S, 4, 3, H, W): sample s of prompt i starts from initial noise seeded by
+    # (seed, "noise", i, s), and each batch's step noise by (seed, "steps", batch offset), so two checkpoints are
+    # compared on identical noise, as Carve3D compares base and finetuned models (Fig. 3). Used by evaluate.py
+    # and view3d.py. The noise is drawn on the CPU, so a seed gives the same noise on any device.
+    device = policy.device
+    C, h, w = policy.latent_shape
+    flat = [(i, s) for i in range(len(prompts)) for s in range(num_samples)]
+    out = []
+    for b in range(0, len(flat), batch_size):
+        chunk = flat[b:b + batch_size]
+        noise = torch.cat([torch.randn(1, policy.num_views, C, h, w,
+                                       generator=make_generator("cpu", seed, "noise", i, s)) for i, s in chunk])
+        with autocast(device):
+            traj = sample_trajectories(policy, [prompts[i] for i, _ in chunk], num_steps=num_steps,
+                                       guidance_scale=guidance_scale, eta=eta, initial_noise=noise.to(device),
+                                       generator=make_generator(device, seed, "steps", b))
+        out.append(traj["views"].float())
+    views = torch.cat(out)
+    return views.view(len(prompts), num_samples, *views.shape[1:])
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 import torchvision.transforms.functional as TF
 
 import reconstruct
+from support.seeding import make_generator
 
 
 @dataclass(frozen=True)
@@ -348,6 +349,16 @@ def render_views(gaussians: torch.Tensor, elevation: float = TOY.elevation,
         raise ValueError(f"gaussians must be (B, N, 14), got {tuple(gaussians.shape)}")
     cams = reconstruct.mvdream_view_cameras(elevation, TOY.radius).to(gaussians.device)
     return reconstruct.render_gaussians(gaussians, cams, TOY.fovy, resolution, resolution)["image"]
+
+
+def ground_truth_views(prompts: list[str], num_samples: int, seed: int, elevation: float = TOY.elevation,
+                       device="cpu") -> torch.Tensor:
+    # The toy world's "ground-truth model" for evaluate.py and view3d.py: (P, S, 4, 3, H, W) renders, object s of
+    # prompt i drawn from generator (seed, "object", i, s) on the CPU (the same objects on any device)
+    objs = torch.stack([make_object(p, make_generator("cpu", seed, "object", i, s))
+                        for i, p in enumerate(prompts) for s in range(num_samples)]).to(device)
+    views = torch.cat([render_views(objs[i:i + 64], elevation) for i in range(0, len(objs), 64)])  # bounded memory
+    return views.view(len(prompts), num_samples, *views.shape[1:])
 
 
 def random_cameras(n: int, generator: torch.Generator, elevation_range=(-10.0, 40.0),

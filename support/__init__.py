@@ -12,5 +12,6 @@
   checkpoint.py       atomic checkpoints and exact resume
   run_log.py          metrics.jsonl, TensorBoard, image grids
   images.py           captioned sample grids and line charts
+  ply.py              3D Gaussian splatting .ply files (Inria's layout) for view3d.py
   flops.py            FLOP counting, measured peak, MFU
 """
