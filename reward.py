@@ -125,11 +125,16 @@ def _check_views(views):
 
 
 class MRCReward:
-    def __init__(self, lgm, lpips_model, elevation=0.0, lpips_size=None):
+    # recenter: LGM's text-to-3D app recentres each generated view on its own before LGM (3DTopia/LGM app.py;
+    # reconstruct.recenter_views). Off by default, because Carve3D's reward must see the views as generated:
+    # MRC then scores the views and renders in the recentred frame, and per-view recentring forgives exactly
+    # the inconsistencies in object size and placement between views that the reward is meant to penalise.
+    def __init__(self, lgm, lpips_model, elevation=0.0, lpips_size=None, recenter=False):
         self.lgm = lgm
         self.lpips_model = lpips_model
         self.elevation = float(elevation)  # MVDream convention: positive = camera above
         self.lpips_size = lpips_size
+        self.recenter = recenter
         # MVDream emits views in its own azimuth order; LGM wants input view k at azimuth 90k
         # (3DTopia/LGM app.py). to_lgm[k] = MVDream view placed in LGM slot k; to_mvdream is its inverse.
         self.to_lgm = list(reconstruct.MVDREAM_TO_LGM)
@@ -137,32 +142,38 @@ class MRCReward:
         # Slot k's camera = the camera MVDream view to_lgm[k] shows (== standard_cameras(-elevation)).
         self.cameras = reconstruct.mvdream_view_cameras(self.elevation, radius=lgm.config.cam_radius)[self.to_lgm]
 
+    def _prepare(self, views):
+        # the views the reward sees, on LGM's device: as generated, or recentred per view (see above)
+        _check_views(views)
+        views = views.to(next(self.lgm.parameters()).device).float()
+        return reconstruct.recenter_views(views) if self.recenter else views
+
+    def _lgm(self, views):
+        param = next(self.lgm.parameters())
+        return self.lgm.reconstruct(views[:, self.to_lgm].to(param.dtype), self.cameras.to(param.device))
+
     @torch.no_grad()
     def reconstruct(self, views):
         # (B, 4, 3, H, W) views in MVDream order -> (B, N, 14) Gaussians in LGM's world frame: exactly what
         # __call__ renders, so a .ply or an orbit of them (view3d.py) shows the 3D object the reward scored.
-        _check_views(views)
-        param = next(self.lgm.parameters())
-        views = views.to(param.device)
-        return self.lgm.reconstruct(views[:, self.to_lgm].to(param.dtype), self.cameras.to(param.device))
+        return self._lgm(self._prepare(views))
 
     @torch.no_grad()
     def __call__(self, views):
-        _check_views(views)
+        views = self._prepare(views)
         height, width = views.shape[-2:]
         if height != width:
             raise ValueError(f"views must be square (Carve3D's crop box assumes it), got H={height}, W={width}")
-        param = next(self.lgm.parameters())
-        views = views.to(param.device)
-        c2w = self.cameras.to(param.device)
-
-        gaussians = self.reconstruct(views)
+        c2w = self.cameras.to(views.device)
+        gaussians = self._lgm(views)
         # Render at the *input* resolution (not LGM's output_size): the crop box is found on the view
         # and applied to the render in the same pixel coordinates.
         out = reconstruct.render_gaussians(gaussians.float(), c2w, self.lgm.config.fovy, height, width, background=1.0)
         renders = out["image"][:, self.to_mvdream]
 
-        per_view = mrc(views.float(), renders, self.lpips_model, size=self.lpips_size, per_view=True)
+        # crop, resize and LPIPS in fp32, whatever autocast the caller runs under (the distance is the reward)
+        with torch.autocast(views.device.type, enabled=False):
+            per_view = mrc(views, renders, self.lpips_model.float(), size=self.lpips_size, per_view=True)
         value = per_view.mean(dim=1)
         return {"reward": -value, "mrc": value, "mrc_per_view": per_view, "renders": renders}
 

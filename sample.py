@@ -15,6 +15,7 @@
 # S = 30 is a trap: the original runs 31 steps (991, 958, ..., 1: range(0, 1000, 33) has 31 entries) while
 # diffusers runs 30 (958, ..., 1), so LGM's app (30 steps through the diffusers port) and the original scripts
 # differ. We use S = 50 for the paper setup and S = 20 for the toy world.
+import contextlib
 import math
 
 import torch
@@ -23,7 +24,8 @@ from support.devices import autocast
 from support.seeding import make_generator
 
 
-def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_sample=None, generator=None):
+def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_sample=None, generator=None,
+                           noise=None):
     cfg = scheduler.config
     if cfg.prediction_type != "epsilon" or cfg.clip_sample or cfg.thresholding:
         raise ValueError("ddim_step_with_logprob: only epsilon prediction without clip_sample/thresholding is "
@@ -46,10 +48,11 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_
     std = eta * variance.sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).sqrt() * eps
 
-    if prev_sample is None:
-        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32,
-                            device=generator.device if generator is not None else x.device).to(x.device)
-        prev_sample = mean + std * noise
+    if prev_sample is None:  # sample x_t' (noise given: used as is; else drawn from the generator)
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32,
+                                device=generator.device if generator is not None else x.device)
+        prev_sample = mean + std * noise.to(x.device, torch.float32)
     prev_sample = prev_sample.float()
 
     # Gaussian log-density of the (detached) sample, averaged over all non-batch dims (DDPO's convention, so
@@ -62,16 +65,28 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_
 
 @torch.no_grad()
 def sample_trajectories(policy, prompts, *, num_steps, guidance_scale, eta=1.0, generator=None, initial_noise=None,
-                        with_reference=False, model=None):
+                        with_reference=False, model=None, policy_grad=False):
     # One batch of B prompts x 4 views, CFG on every step. `model` (e.g. the DDP wrapper) runs the policy
     # forward; the reference (Carve3D's KL) is the same UNet with its adapters off, evaluated on the SAME
     # CFG inputs, scoring the SAME sampled next latent under its own mean (same sigma; desaixie/carve3d
     # carve3d_train.py computes log_prob_reference this way). Autocast, if any, is the caller's; the step
     # math is fp32 either way.
+    # generator: one torch.Generator for the batch, or a list with one per sample (train.py, evaluate.py): then
+    # each sample's initial and step noise depend on that sample alone, not on how samples are batched or
+    # spread over GPUs. policy_grad: run the policy forward with autograd on, i.e. the very program of the
+    # training forward (ppo.py), so that the stored log-probs are reproduced bit for bit at the update.
     model = policy if model is None else model
     prompts = list(prompts)
     B, V, shape = len(prompts), policy.num_views, tuple(policy.latent_shape)
     device = policy.device
+    step_noise = None
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != B:
+            raise ValueError(f"got {len(generator)} generators for {B} prompts: pass one per sample (or one in all)")
+        noise = torch.stack([torch.randn((1 + num_steps, V) + shape, generator=g, device=g.device).to(device)
+                             for g in generator])
+        initial_noise = noise[:, 0] if initial_noise is None else initial_noise
+        step_noise = noise[:, 1:]
     if initial_noise is None:
         gen_device = generator.device if generator is not None else device
         initial_noise = torch.randn((B, V) + shape, generator=generator, device=gen_device)
@@ -84,10 +99,12 @@ def sample_trajectories(policy, prompts, *, num_steps, guidance_scale, eta=1.0, 
     policy.scheduler.set_timesteps(num_steps, device=device)
     timesteps = policy.scheduler.timesteps
     latents, next_latents, log_probs, ref_log_probs = [], [], [], []
-    for t in timesteps:
+    for k, t in enumerate(timesteps):
         tb = t.expand(B)
-        eps = model(x, tb, prompt_embeds, guidance_scale)
-        x_next, log_prob = ddim_step_with_logprob(policy.scheduler, eps, tb, x, eta, generator=generator)
+        with torch.enable_grad() if policy_grad else contextlib.nullcontext():
+            eps = model(x, tb, prompt_embeds, guidance_scale).detach()
+        noise_k = None if step_noise is None else step_noise[:, k]
+        x_next, log_prob = ddim_step_with_logprob(policy.scheduler, eps, tb, x, eta, generator=generator, noise=noise_k)
         if with_reference:
             with policy.disable_adapters():
                 eps_ref = model(x, tb, prompt_embeds, guidance_scale)
@@ -114,22 +131,18 @@ def sample_trajectories(policy, prompts, *, num_steps, guidance_scale, eta=1.0, 
 
 @torch.no_grad()
 def sample_fixed_noise(policy, prompts, num_samples, *, seed, num_steps, guidance_scale, eta, batch_size):
-    # Evaluation samples (P, S, 4, 3, H, W): sample s of prompt i starts from initial noise seeded by
-    # (seed, "noise", i, s), and each batch's step noise by (seed, "steps", batch offset), so two checkpoints are
-    # compared on identical noise, as Carve3D compares base and finetuned models (Fig. 3). Used by evaluate.py
-    # and view3d.py. The noise is drawn on the CPU, so a seed gives the same noise on any device.
-    device = policy.device
-    C, h, w = policy.latent_shape
+    # Evaluation samples (P, S, 4, 3, H, W): sample s of prompt i draws all its noise (initial and every step)
+    # from a CPU generator seeded by (seed, "noise", i, s), so two checkpoints are compared on identical noise,
+    # whatever the batch size or device, as Carve3D compares base and finetuned models (Fig. 3). Used by
+    # evaluate.py and view3d.py.
     flat = [(i, s) for i in range(len(prompts)) for s in range(num_samples)]
     out = []
     for b in range(0, len(flat), batch_size):
         chunk = flat[b:b + batch_size]
-        noise = torch.cat([torch.randn(1, policy.num_views, C, h, w,
-                                       generator=make_generator("cpu", seed, "noise", i, s)) for i, s in chunk])
-        with autocast(device):
+        with autocast(policy.device):
             traj = sample_trajectories(policy, [prompts[i] for i, _ in chunk], num_steps=num_steps,
-                                       guidance_scale=guidance_scale, eta=eta, initial_noise=noise.to(device),
-                                       generator=make_generator(device, seed, "steps", b))
+                                       guidance_scale=guidance_scale, eta=eta,
+                                       generator=[make_generator("cpu", seed, "noise", i, s) for i, s in chunk])
         out.append(traj["views"].float())
     views = torch.cat(out)
     return views.view(len(prompts), num_samples, *views.shape[1:])

@@ -1,21 +1,30 @@
-"""Supervised finetuning of the toy world's tiny MVDream and tiny LGM (the paper's "SFT" stage).
+"""Supervised finetuning of the toy world's tiny VAE, tiny MVDream and tiny LGM (the paper's "SFT" stage).
 
 Carve3D starts RL from a multi-view diffusion model after a short SFT (Instant3D-10K) and compares with
 the same SFT run continued longer (20K, 100K): longer SFT improves consistency but shifts the
 distribution (Carve3D Sec. 1, Fig. 4). We reproduce that setting in the toy world (toy.py):
 
-  * MVDream: noise-prediction loss on the 4 views of each object with text and camera conditioning and
+  * VAE: diffusers' AutoencoderKL at toy size, L1 + LPIPS + a small KL (LDM's autoencoder losses, Rombach
+    et al. 2022 Sec. 3, without the GAN), so MVDream is a latent model as the real one is.
+  * MVDream: noise-prediction loss on the 4 views' latents with text and camera conditioning and
     classifier-free-guidance dropout, as MVDream is trained; the tiny CLIP text encoder trains with it.
+    A documented fraction of the examples (--independent-fraction, 0.5) has 4 views that are NOT one object:
+    each view comes from its own instance of the prompt, like the 2D images that MVDream learns from next to
+    multi-view renders ("learning from both 2D and 3D data", Shi et al. 2024): no cross-view constraint.
+    Each view alone still matches the prompt. This is why longer SFT cannot remove the model's
+    inconsistency: it is in the data, not a sign of under-training.
   * LGM: 4 input views -> Gaussians -> renders of the inputs and of extra views vs ground truth,
     MSE + LPIPS, as LGM trains (3DTopia/LGM core/options.py: num_views 8, 4 of them inputs, lambda_lpips 1).
 
-Commands that reproduce the shipped checkpoints (seed 0, defaults otherwise; each directory's
-sft_record.json / lgm-tiny.record.json holds the arguments, device and wall time of the run that made it):
-    python sft.py mvdream --steps 14000 --snapshot 2500:checkpoints/toy/sft-base --out checkpoints/toy/sft-long
+Commands that reproduce the shipped checkpoints (seed 0, defaults otherwise; the records next to them hold
+the arguments, device and wall time of the run that made them):
+    python sft.py vae --steps 4000 --out checkpoints/toy/vae-tiny
+    python sft.py mvdream --vae checkpoints/toy/vae-tiny --steps 10000 --compile \
+        --snapshot 2000:checkpoints/toy/sft-base --out checkpoints/toy/sft-long
     python sft.py lgm --steps 3000 --out checkpoints/toy/lgm-tiny.safetensors
-Run on one H200 (both at once): MVDream 11.8 min (sft-base after 2.1 min), LGM 15.2 min. sft-base is the RL
-starting point; sft-long is the same run continued 5.6x longer (the "longer SFT" baseline).
-A quick CPU smoke run: python sft.py mvdream --steps 20 --bank 64 --batch-size 8 --out outputs/sft-smoke
+sft-base is the RL starting point; sft-long is the same run continued 5x longer (the "longer SFT" baseline).
+A quick CPU smoke run: python sft.py vae --steps 20 --bank 64 --batch-size 8 --out outputs/vae-smoke, then
+    python sft.py mvdream --vae outputs/vae-smoke --steps 20 --bank 64 --batch-size 8 --out outputs/sft-smoke
 """
 
 import argparse
@@ -28,11 +37,12 @@ from multiprocessing import get_context
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 from tqdm import tqdm
 
 import reconstruct
 import toy
-from mvdream import MVDreamPolicy
+from mvdream import TINY_VAE_CONFIG, MVDreamPolicy
 from reward import load_lpips
 from sample import sample_trajectories
 from support.devices import autocast
@@ -42,88 +52,156 @@ from support.seeding import make_generator
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: a bank of procedural objects (Gaussians) and their 4 standard views, made once per run.
+# Data: a bank of procedural examples (Gaussians) and their 4 standard views, made once per run.
 
 def _object(args):
     torch.set_num_threads(1)  # many small workers, not many threads each
-    seed, index, prompt = args
-    return toy.make_object(prompt, make_generator("cpu", seed, "object", index))
+    seed, index, instance, prompt = args
+    return toy.make_object(prompt, make_generator("cpu", seed, "object", index, instance))
 
 
-def make_bank(n, seed, device, workers=0):
-    """n objects cycling over the (shuffled) training prompts; object i depends only on (seed, i)."""
+def make_bank(n, seed, device, workers=0, independent_fraction=0.0):
+    """n examples cycling over the (shuffled) training prompts; example i depends only on (seed, i).
+
+    With probability independent_fraction an example's 4 views are not one object: view k is rendered from
+    its own instance k of the prompt (2D-image-like data, see the module docstring)."""
     prompts = load_prompts("toy:train")
     order = torch.randperm(len(prompts), generator=make_generator("cpu", seed, "bank")).tolist()
-    jobs = [(seed, i, prompts[order[i % len(prompts)]]) for i in range(n)]
+    coin = torch.rand(n, generator=make_generator("cpu", seed, "independent"))
+    independent = (coin < independent_fraction).tolist()
+    jobs = [(seed, i, k, prompts[order[i % len(prompts)]]) for i in range(n)
+            for k in range(4 if independent[i] else 1)]
     if workers > 1:
         with get_context("fork").Pool(workers) as pool:
             objects = pool.map(_object, jobs, chunksize=16)
     else:
         objects = [_object(j) for j in tqdm(jobs, desc="objects", leave=False)]
     gaussians = torch.stack(objects).to(device)
-    views = torch.cat([toy.render_views(gaussians[i:i + 64]) for i in range(0, n, 64)])
-    return {"prompts": [j[2] for j in jobs], "gaussians": gaussians, "views": views}
+    rendered = torch.cat([toy.render_views(gaussians[i:i + 64]) for i in range(0, len(jobs), 64)])
+    first = [j for j, job in enumerate(jobs) if job[2] == 0]  # instance 0 of every example
+    views = rendered[first].clone()
+    for i, j in enumerate(first):
+        if independent[i]:
+            views[i] = torch.stack([rendered[j + k, k] for k in range(4)])  # view k of instance k
+    return {"prompts": [jobs[j][3] for j in first], "gaussians": gaussians[first], "views": views,
+            "independent": torch.tensor(independent)}
+
+
+# ----------------------------------------------------------------------------------------------
+# VAE SFT
+
+def train_vae(args, device):
+    vae = AutoencoderKL(**TINY_VAE_CONFIG).to(device).train()
+    lpips_model = load_lpips("alex").to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=1e-2)
+    images = make_bank(args.bank, args.seed, device, args.workers)["views"].flatten(0, 1)  # (4n, 3, 64, 64)
+    g = make_generator(device, args.seed, "sft-vae")
+    print(f"tiny VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M params, {len(images)} images")
+    t0, log = time.time(), []
+    for step in tqdm(range(1, args.steps + 1), desc="sft vae"):
+        x = images[torch.randint(len(images), (args.batch_size,), generator=g, device=device)] * 2 - 1
+        for group in opt.param_groups:
+            group["lr"] = lr_at(args, step)
+        with autocast(device):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample(generator=g)).sample.float()
+        l1 = (recon - x).abs().mean()
+        lp = lpips_model(recon.clamp(-1, 1), x).mean()  # lpips takes [-1, 1]
+        # LDM weighs the KL 1e-6 against the per-image SUM of the reconstruction error; ours is a mean
+        kl = posterior.kl().float().mean() / x[0].numel()
+        loss = l1 + args.lambda_lpips * lp + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0:
+            log.append({"step": step, "l1": l1.item(), "lpips": lp.item(), "time": time.time() - t0})
+        if step % args.sample_every == 0 or step == args.steps:
+            tqdm.write(f"step {step}: l1 {l1.item():.4f} lpips {lp.item():.4f}")
+    vae.eval()
+    quality = _vae_quality(vae, images[:1024], device)
+    vae.save_pretrained(args.out)
+    _write_record(os.path.join(args.out, "sft_record.json"), args, args.steps, time.time() - t0, log, **quality)
+    print(f"saved {args.out}: {quality}")
+
+
+@torch.no_grad()
+def _vae_quality(vae, images, device):
+    # scaling_factor = 1 / std of the latents (as SD's 0.18215), so the diffusion model sees unit variance.
+    # White background must stay white: count pixels that are white (> 0.99) in the render but would be
+    # foreground (< 0.95, the MRC crop and fidelity threshold) after a round trip.
+    z = torch.cat([vae.encode(c * 2 - 1).latent_dist.mean for c in images.split(256)])
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    recon = torch.cat([vae.decode(c).sample for c in z.split(256)]).float().div(2).add(0.5).clamp(0, 1)
+    white = (images > 0.99).all(1)
+    stained = (recon < 0.95).any(1) & white
+    return {"scaling_factor": vae.config.scaling_factor, "recon_l1": (recon - images).abs().mean().item(),
+            "stained_background_fraction": (stained.sum() / white.sum()).item()}
 
 
 # ----------------------------------------------------------------------------------------------
 # MVDream SFT
 
 def train_mvdream(args, device):
-    policy = MVDreamPolicy.tiny(toy.VOCAB, elevation=toy.TOY.elevation, seed=args.seed).to(device)
+    policy = MVDreamPolicy.tiny(toy.VOCAB, elevation=toy.TOY.elevation, seed=args.seed,
+                                vae=AutoencoderKL.from_pretrained(args.vae)).to(device)
     policy.unet.requires_grad_(True)
     policy.text_encoder.requires_grad_(True)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    # Exponential moving average of the weights: what gets sampled and saved (standard for diffusion models;
-    # the raw weights of a tiny pixel-space model leave visible high-frequency noise in its samples).
+    # Exponential moving average of the weights: what gets sampled and saved (standard for diffusion models).
     ema = copy.deepcopy(policy).requires_grad_(False)
-    bank = make_bank(args.bank, args.seed, device, args.workers)
-    latents = policy.encode(bank["views"])                         # pixel-unshuffled 12x32x32 per view
+    ema_params = [q for q, p in zip(ema.parameters(), policy.parameters()) if p.requires_grad]
+    bank = make_bank(args.bank, args.seed, device, args.workers, args.independent_fraction)
+    latents = policy.encode(bank["views"])                                  # (n, 4 views, 4, 16, 16)
+    ids = policy.tokenize(bank["prompts"]).to(device)
+    empty = policy.tokenize([""]).to(device)
+    loss_fn = torch.compile(_denoise_loss) if args.compile else _denoise_loss
     g = make_generator(device, args.seed, "sft-mvdream")
-    sched = policy.scheduler
-    alphas = sched.alphas_cumprod.to(device)
-    snapshots = dict(s.split(":", 1) for s in args.snapshot)
-    snapshots = {int(k): v for k, v in snapshots.items()}
-    grid_prompts = load_prompts("toy:test", 4)
-    print(f"tiny MVDream: {sum(p.numel() for p in params) / 1e6:.2f} M trainable params, bank {args.bank} objects")
+    snapshots = {int(k): v for k, v in (s.split(":", 1) for s in args.snapshot)}
+    print(f"tiny MVDream: {sum(p.numel() for p in params) / 1e6:.2f} M trainable params, bank {args.bank} examples, "
+          f"{bank['independent'].float().mean():.2f} with independent views")
     t0, log = time.time(), []
     for step in tqdm(range(1, args.steps + 1), desc="sft mvdream"):
-        idx = torch.randint(len(bank["prompts"]), (args.batch_size,), generator=g, device=device)
-        x0 = latents[idx]
-        prompts = [bank["prompts"][i] for i in idx.tolist()]
+        idx = torch.randint(len(latents), (args.batch_size,), generator=g, device=device)
         # CFG dropout: the empty prompt is the unconditional branch at sampling time (MVDream scripts/t2i.py).
-        drop = torch.rand(args.batch_size, generator=g, device=device) < args.cfg_dropout
-        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        drop = torch.rand(args.batch_size, 1, generator=g, device=device) < args.cfg_dropout
         # One timestep per object, shared by its 4 views (the sampler denoises the views together).
-        t = torch.randint(0, sched.config.num_train_timesteps, (args.batch_size,), generator=g, device=device)
-        noise = torch.randn(x0.shape, generator=g, device=device)
-        a = alphas[t].view(-1, 1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        t = torch.randint(0, 1000, (args.batch_size,), generator=g, device=device)  # the schedule's 1000 steps
+        noise = torch.randn(latents[idx].shape, generator=g, device=device)
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step)
         with autocast(device):
-            emb = policy.text_encoder(policy.tokenize(prompts).to(device)).last_hidden_state
-            eps = policy(xt, t, emb, guidance_scale=1.0)
-        loss = F.mse_loss(eps.float(), noise)
+            loss = loss_fn(policy, latents[idx], torch.where(drop, empty, ids[idx]), t, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
-            decay = min(args.ema, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), policy.parameters()):
-                pe.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema_params, params, 1 - min(args.ema, (1 + step) / (10 + step)))
         if step % 100 == 0:
             log.append({"step": step, "loss": loss.item(), "time": time.time() - t0})
         if step % args.sample_every == 0 or step in snapshots or step == args.steps:
-            ema.refresh_negative_embeds()  # the text encoder trained: re-encode the empty prompt
-            traj = sample_trajectories(ema, grid_prompts, num_steps=20, guidance_scale=5.0, eta=1.0,
-                                       generator=make_generator(device, args.seed, "grid"))
-            save_grid(os.path.join(args.log_dir, f"mvdream_step{step:06d}.png"), traj["views"], grid_prompts)
+            _sample_grid(ema, args, step, device)
             tqdm.write(f"step {step}: loss {loss.item():.4f}")
         if step in snapshots:
             _save_policy(ema, snapshots[step], args, step, time.time() - t0, log)
     _save_policy(ema, args.out, args, args.steps, time.time() - t0, log)
+
+
+def _denoise_loss(policy, x0, ids, t, noise):
+    a = policy.scheduler.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    emb = policy.text_encoder(ids).last_hidden_state
+    return F.mse_loss(policy(xt, t, emb, guidance_scale=1.0).float(), noise)
+
+
+def _sample_grid(ema, args, step, device):
+    ema.refresh_negative_embeds()  # the text encoder trained: re-encode the empty prompt
+    prompts = load_prompts("toy:test", 4)
+    traj = sample_trajectories(ema, prompts, num_steps=20, guidance_scale=5.0, eta=1.0,
+                               generator=make_generator(device, args.seed, "grid"))
+    save_grid(os.path.join(args.log_dir, f"mvdream_step{step:06d}.png"), traj["views"], prompts)
 
 
 def lr_at(args, step):
@@ -134,16 +212,16 @@ def lr_at(args, step):
 
 def _save_policy(policy, out, args, step, seconds, log):
     policy.refresh_negative_embeds()
-    policy.save_pretrained(out)
+    policy.save_pretrained(out, dtype=torch.float16)  # fp16 storage: the shipped checkpoints stay small
     _write_record(os.path.join(out, "sft_record.json"), args, step, seconds, log)
     print(f"saved {out} at step {step} ({seconds / 60:.1f} min)")
 
 
-def _write_record(path, args, step, seconds, log):
+def _write_record(path, args, step, seconds, log, **extra):
     # What reproduces a shipped checkpoint: the arguments (incl. seed), the step, wall time and device.
     record = {"args": vars(args), "step": step, "seconds": round(seconds, 1), "loss_log": log[-20:],
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__}
+              "torch": torch.__version__, **extra}
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
 
@@ -197,31 +275,37 @@ def train_lgm(args, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", choices=["mvdream", "lgm"], help="which toy model to train")
-    p.add_argument("--out", required=True, help="output directory (mvdream) or .safetensors file (lgm)")
+    p.add_argument("model", choices=["vae", "mvdream", "lgm"], help="which toy model to train")
+    p.add_argument("--out", required=True, help="output directory (vae, mvdream) or .safetensors file (lgm)")
+    p.add_argument("--vae", default="checkpoints/toy/vae-tiny", help="mvdream: the trained toy VAE (sft.py vae)")
+    p.add_argument("--independent-fraction", type=float, default=0.5,
+                   help="mvdream: fraction of examples whose 4 views come from 4 instances of the prompt")
+    p.add_argument("--kl-weight", type=float, default=1e-6, help="vae: KL weight (LDM's, see train_vae)")
+    p.add_argument("--compile", action="store_true", help="mvdream: torch.compile the loss (GPU: fewer launches)")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     p.add_argument("--snapshot", action="append", default=[], metavar="STEP:DIR",
                    help="mvdream: also save the model at STEP into DIR (repeatable)")
-    p.add_argument("--batch-size", type=int, default=None, help="objects per step (default 64 mvdream, 32 lgm)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-4 mvdream, 1e-3 lgm)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="objects per step (default 128 mvdream, 32 lgm; images for vae, default 128)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-4 mvdream/vae, 1e-3 lgm)")
     p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved MVDream weights")
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of the empty prompt (mvdream)")
     p.add_argument("--extra-views", type=int, default=4, help="random supervision views per object (lgm)")
     p.add_argument("--lambda-lpips", type=float, default=1.0, help="LPIPS weight in the LGM loss")
-    p.add_argument("--bank", type=int, default=8192, help="procedural objects generated for the run")
+    p.add_argument("--bank", type=int, default=16384, help="procedural examples generated for the run")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes generating objects")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sample-every", type=int, default=1000, help="write a sample grid every N steps")
     p.add_argument("--log-dir", default="outputs/sft", help="where sample grids go")
     args = p.parse_args(argv)
-    args.batch_size = args.batch_size or (64 if args.model == "mvdream" else 32)
-    args.lr = args.lr or (5e-4 if args.model == "mvdream" else 1e-3)
+    args.batch_size = args.batch_size or {"vae": 128, "mvdream": 128, "lgm": 32}[args.model]
+    args.lr = args.lr or (1e-3 if args.model == "lgm" else 5e-4)
     os.makedirs(args.log_dir, exist_ok=True)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    (train_mvdream if args.model == "mvdream" else train_lgm)(args, device)
+    {"vae": train_vae, "mvdream": train_mvdream, "lgm": train_lgm}[args.model](args, device)
 
 
 if __name__ == "__main__":

@@ -51,10 +51,6 @@ class PerPromptStatTracker:
             advantages[mask] = (values[mask] - mean) / std
         return advantages
 
-    def stats(self):
-        lengths = [len(b) for b in self.buffers.values()]
-        return {"num_prompts": len(lengths), "mean_buffer_length": float(np.mean(lengths)) if lengths else 0.0}
-
     def state_dict(self):
         # Python floats round-trip exactly through JSON, so a resumed tracker is bit-identical.
         return {

@@ -75,3 +75,43 @@ def resume(cfg, policy, optimizer, trackers, counters, rank):
         return None, 0, counters
     state = load_checkpoint(ckpt, policy, optimizer, trackers, rank)
     return ckpt, state["epoch"] + 1, state["counters"]
+
+
+class BestCheckpoint:
+    """Writes run_dir/checkpoints/best/ (the LoRA + best.json) whenever a validation beats the best so far.
+
+    Rule: the lowest val MRC among the validations (epoch 0 = the starting policy included) whose val KL is at
+    most best_max_val_kl (if > 0; Carve3D stops training at an empirically safe KL) and, in the toy world, whose
+    val fidelity is within best_max_fidelity_drop of epoch 0's: a lower MRC bought by losing the prompt (reward
+    hacking: every prompt collapsing to one blob reconstructs well) never counts as better. The state lives in
+    the run's counters, so a resumed run keeps choosing exactly as an uninterrupted one."""
+
+    def __init__(self, cfg, counters):
+        self.cfg, self.counters = cfg, counters
+        counters.setdefault("best_epoch", -1)
+        counters.setdefault("best_val_mrc", float("inf"))
+
+    def qualifies(self, epoch, metrics):
+        if epoch == 0 and "val_fidelity" in metrics:
+            self.counters["val_fidelity_0"] = metrics["val_fidelity"]
+        if self.cfg.best_max_val_kl > 0 and metrics.get("val_kl", 0.0) > self.cfg.best_max_val_kl:
+            return False
+        start = self.counters.get("val_fidelity_0")
+        return "val_fidelity" not in metrics or start is None or \
+            metrics["val_fidelity"] >= start - self.cfg.best_max_fidelity_drop
+
+    def consider(self, epoch, metrics, policy, rank):
+        if self.qualifies(epoch, metrics) and metrics["val_mrc"] < self.counters["best_val_mrc"]:
+            self.counters.update(best_epoch=epoch, best_val_mrc=metrics["val_mrc"])
+            if rank == 0:
+                root = checkpoint_dir(self.cfg)
+                tmp, final = os.path.join(root, ".tmp_best"), os.path.join(root, "best")
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+                policy.save_lora(tmp)
+                with open(os.path.join(tmp, "best.json"), "w") as f:
+                    json.dump({"epoch": epoch, "metrics": metrics, "rule": self.__doc__.split("\n\n")[1]}, f, indent=1)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+            barrier()
+        metrics.update(best_epoch=self.counters["best_epoch"])

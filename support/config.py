@@ -8,13 +8,17 @@ import typing
 import yaml
 
 from support.batch_plan import BatchPlan
+from support.prompts import load_prompts
 
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 CHOICES = {"mixed_precision": ("bf16", "no"), "nonfinite": ("skip", "stop"), "world": ("toy", "paper"),
            "device": ("auto", "cuda", "cpu"), "lgm_config": ("tiny", "big")}
-POSITIVE = ("num_epochs", "save_every", "val_every", "num_steps", "sample_batch_size", "num_batches_per_epoch",
-            "train_batch_size", "gradient_accumulation_steps", "num_inner_epochs", "lora_rank",
-            "stat_buffer_size", "stat_min_count")
+POSITIVE = ("num_epochs", "save_every", "val_every", "num_steps", "samples_per_epoch", "micro_batch_size",
+            "updates_per_epoch", "num_inner_epochs", "lora_rank")
+NON_NEGATIVE = ("stat_buffer_size", "stat_min_count", "num_train_prompts", "num_val_prompts", "best_max_val_kl")
+# Per-GPU batch keys of earlier versions: the config now states totals (support/batch_plan.py).
+REPLACED = {k: "samples_per_epoch (total over all GPUs), updates_per_epoch and micro_batch_size (per GPU)"
+            for k in ("sample_batch_size", "num_batches_per_epoch", "train_batch_size", "gradient_accumulation_steps")}
 
 
 def load_config(config_class, path, overrides=()):
@@ -40,6 +44,8 @@ def load_config(config_class, path, overrides=()):
 
 
 def _typed(path, key, value, hints):
+    if key in REPLACED:
+        raise KeyError(f"{path}: config key {key!r} was replaced by {REPLACED[key]}")
     if key not in hints:
         close = [k for k in hints if k.split("_")[0] == str(key).split("_")[0]]
         raise KeyError(f"{path}: unknown config key {key!r}" + (f" (did you mean one of {close}?)" if close else ""))
@@ -62,25 +68,40 @@ def check_config(cfg, path):
     for key in POSITIVE:
         if getattr(cfg, key) < 1:
             raise ValueError(f"{path}: config key {key!r} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.stat_min_count > cfg.stat_buffer_size:
-        raise ValueError(f"{path}: stat_min_count ({cfg.stat_min_count}) must not exceed stat_buffer_size "
-                         f"({cfg.stat_buffer_size})")
+    for key in NON_NEGATIVE:
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{path}: config key {key!r} must be >= 0, got {getattr(cfg, key)}")
     if cfg.resume not in ("auto", "never") and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
         raise FileNotFoundError(f"{path}: config key 'resume' is {cfg.resume!r}, not a complete checkpoint directory "
                                 f"(no trainer_state.json); use auto, never or a run_dir/checkpoints/epoch_NNNN path")
     if not cfg.eta > 0:
         raise ValueError(f"{path}: config key 'eta' must be > 0, got {cfg.eta} (a deterministic DDIM step has no "
                          f"log-probability to train on)")
-    # The batch arithmetic does not depend on the number of ranks (it cancels): check it before any launch.
+    # What does not depend on the number of ranks is checked before any launch; the rest when it is known.
     try:
-        batch_plan(cfg, 1).validate()
+        BatchPlan(1, cfg.samples_per_epoch, cfg.updates_per_epoch, 1, cfg.num_steps, cfg.timestep_fraction,
+                  cfg.num_inner_epochs, 0, cfg.stat_buffer_size, cfg.stat_min_count).validate()
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{path}: {str(e).removeprefix('config: ')}") from None
 
 
-def batch_plan(cfg, world_size):
-    return BatchPlan(world_size, cfg.sample_batch_size, cfg.num_batches_per_epoch, cfg.train_batch_size,
-                     cfg.gradient_accumulation_steps, cfg.num_steps, cfg.timestep_fraction)
+def batch_plan(cfg, world_size, num_prompts=0):
+    return BatchPlan(world_size, cfg.samples_per_epoch, cfg.updates_per_epoch, cfg.micro_batch_size, cfg.num_steps,
+                     cfg.timestep_fraction, cfg.num_inner_epochs, num_prompts, cfg.stat_buffer_size,
+                     cfg.stat_min_count)
+
+
+def print_plan(config_class, argv):
+    """`train.py CONFIG --plan N [key=value ...]`: every check of a launch with N ranks, then the plan; no models."""
+    i = argv.index("--plan")
+    if i + 1 >= len(argv) or not argv[i + 1].isdigit() or int(argv[i + 1]) < 1:
+        raise ValueError("--plan needs the number of ranks (GPUs), e.g. python train.py config.yaml --plan 8")
+    rest = argv[:i] + argv[i + 2:]
+    cfg = load_config(config_class, rest[0], rest[1:])
+    prompts = load_prompts(cfg.train_prompts, cfg.num_train_prompts)
+    plan = batch_plan(cfg, int(argv[i + 1]), len(prompts)).validate()
+    print(plan.describe())
+    return plan
 
 
 def save_resolved(cfg, run_dir):

@@ -71,6 +71,12 @@ def mean_over_ranks(t):
     return t
 
 
+def max_over_ranks(t):
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def barrier():
     if is_dist():
         dist.barrier()
@@ -86,6 +92,11 @@ def autocast(device, enabled=True):
     if device.type == "cuda" and enabled:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def frozen_dtype(device, mixed_precision):
+    """bf16 frozen weights on CUDA with mixed precision (no per-call casts of the base UNet); LoRA stays fp32."""
+    return torch.bfloat16 if device.type == "cuda" and mixed_precision == "bf16" else torch.float32
 
 
 def sync(device):

@@ -1,4 +1,5 @@
-# Prompt sources and which prompts each rank samples in an epoch. Support code for train.py and evaluate.py.
+# Prompt sources and which prompts each rank samples in an epoch. Support code for train.py, sft.py, evaluate.py.
+import json
 import os
 
 import torch
@@ -6,9 +7,13 @@ import torch
 import toy
 from support.seeding import make_generator
 
+SOURCES = ("toy:train, toy:test, a text file (one prompt per line, # comments) or a JSON prompt library with its "
+           "key, e.g. threestudio's load/prompt_library.json:dreamfusion")
+
 
 def load_prompts(source, limit=0):
-    """toy:train, toy:test (the toy world's splits) or a text file (one prompt per line, # comments).
+    """The prompts of a source (see SOURCES). Carve3D evaluates on DreamFusion's prompts: threestudio ships them
+    as the "dreamfusion" list of load/prompt_library.json (threestudio-project/threestudio); pass that file.
 
     limit N > 0 keeps N prompts evenly spaced over the source (the first N when it holds fewer than 2N):
     the toy grammar enumerates colours first, so its first N prompts would all be red."""
@@ -17,9 +22,11 @@ def load_prompts(source, limit=0):
         if split not in ("train", "test"):
             raise ValueError(f"prompt source {source!r}: use toy:train or toy:test")
         prompts = toy.train_prompts() if split == "train" else toy.test_prompts()
+    elif ".json:" in source:
+        prompts = _library(*source.rsplit(":", 1))
     else:
         if not os.path.isfile(source):
-            raise FileNotFoundError(f"prompt file {source!r} not found (one prompt per line, # comments)")
+            raise FileNotFoundError(f"prompt source {source!r} not found; use {SOURCES}")
         with open(source) as f:
             prompts = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
@@ -27,23 +34,34 @@ def load_prompts(source, limit=0):
     return prompts[::max(1, len(prompts) // limit)][:limit] if limit else prompts
 
 
-def epoch_prompts(cfg, prompts, epoch, rank, world, samples_per_rank):
+def _library(path, key):
+    # {"dreamfusion": ["a 20-sided die made out of glass", ...], "magic3d": [...], ...}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt library {path!r} not found (threestudio's load/prompt_library.json "
+                                f"has the DreamFusion prompts under the key 'dreamfusion')")
+    with open(path) as f:
+        library = json.load(f)
+    if not isinstance(library, dict) or key not in library:
+        keys = sorted(library) if isinstance(library, dict) else []
+        raise KeyError(f"prompt library {path!r} has no key {key!r}; its keys: {keys}")
+    prompts = library[key]
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompt library {path!r}: {key!r} must be a list of prompt strings")
+    return [" ".join(p.split()) for p in prompts]  # the library has a few double spaces inside prompts
+
+
+def epoch_prompts(cfg, prompts, epoch, rank, world, plan):
     """This rank's prompts for an epoch. Every rank draws the same global list, then takes its slice.
 
-    Warm-up (epoch 0, Carve3D): each prompt repeated stat_min_count times (padded with its own head to
-    the global sample count) so every tracker starts from real per-prompt statistics.
+    Warm-up (epoch 0, Carve3D): each prompt repeated min_count times (padded with the list's head to the
+    epoch's samples; BatchPlan.validate guarantees the room) so every tracker starts from per-prompt statistics.
     """
-    total = samples_per_rank * world
+    total, per_rank = plan.samples_per_epoch, plan.samples_per_rank
     if epoch == 0:
-        reps = [p for p in prompts for _ in range(cfg.stat_min_count)]
-        while len(reps) < total:
-            reps += reps[: total - len(reps)]
-        chosen = reps[:total]
-        if len(reps) > total and rank == 0:
-            print(f"warning: warm-up covers {total} of {len(reps)} prompt repeats; raise the sample batch or lower "
-                  f"stat_min_count so every prompt reaches min_count")
+        reps = [p for p in prompts for _ in range(plan.min_count)]
+        chosen = (reps * (total // len(reps) + 1))[:total]
     else:
         g = make_generator("cpu", cfg.seed, "prompts", epoch)
         idx = torch.randint(len(prompts), (total,), generator=g).tolist()
         chosen = [prompts[i] for i in idx]
-    return chosen[rank * samples_per_rank:(rank + 1) * samples_per_rank]
+    return chosen[rank * per_rank:(rank + 1) * per_rank]

@@ -100,7 +100,7 @@ def test_unet_with_one_view_equals_stock_processor():
     stock = UNet2DConditionModel(**mvdream.UNET_CONFIGS["tiny"]).eval()
     stock.load_state_dict(mv.state_dict())
     stock.set_attn_processor(AttnProcessor2_0())
-    x, t = torch.randn(3, 12, 32, 32), torch.tensor([10, 500, 999])
+    x, t = torch.randn(3, 4, 16, 16), torch.tensor([10, 500, 999])
     ctx, cam = torch.randn(3, 7, 64), get_camera(3)
     with torch.no_grad():
         torch.testing.assert_close(mv(x, t, ctx, class_labels=cam).sample, stock(x, t, ctx, class_labels=cam).sample,
@@ -114,7 +114,7 @@ def test_unet_views_mix_within_object_only_and_objects_permute():
     n_attn1 = sum(name.endswith("attn1.processor") for name in unet.attn_processors)
     assert n_mv == n_attn1 > 0
     _randomize_zero_tensors(unet)
-    x, t = torch.randn(8, 12, 32, 32), torch.tensor([700] * 4 + [300] * 4)
+    x, t = torch.randn(8, 4, 16, 16), torch.tensor([700] * 4 + [300] * 4)
     ctx, cam = torch.randn(8, 7, 64), get_camera(4).repeat(2, 1)
     with torch.no_grad():
         base = unet(x, t, ctx, class_labels=cam).sample
@@ -324,7 +324,7 @@ def test_tiny_ldm_round_trip_numerics():
     parts = convert_mvdream_checkpoint(ldm, unet_config="tiny")
     dst = mvdream_unet("tiny").eval()
     dst.load_state_dict(parts["unet"], strict=True)
-    x, t = torch.randn(4, 12, 32, 32), torch.tensor([999, 500, 20, 1])
+    x, t = torch.randn(4, 4, 16, 16), torch.tensor([999, 500, 20, 1])
     ctx, cam = torch.randn(4, 7, 64), get_camera(4)
     with torch.no_grad():
         assert torch.equal(src(x, t, ctx, class_labels=cam).sample, dst(x, t, ctx, class_labels=cam).sample)
@@ -354,7 +354,7 @@ def test_forward_is_cfg_over_two_plain_unet_calls(policy):
         eps = policy(x, t, emb, 7.5)
         cond_only = policy(x, t, emb, 1.0)
         cams = get_camera(4, 15.0).repeat(2, 1)  # toy elevation, same cameras for each object
-        flat = x.reshape(8, 12, 32, 32)
+        flat = x.reshape(8, 4, 16, 16)
         tt = t.repeat_interleave(4)
         c = policy.unet(flat, tt, emb.repeat_interleave(4, 0), class_labels=cams).sample
         u = policy.unet(flat, tt, policy.negative_embeds.expand(8, -1, -1), class_labels=cams).sample
@@ -363,13 +363,18 @@ def test_forward_is_cfg_over_two_plain_unet_calls(policy):
     assert eps.shape == x.shape
 
 
-def test_decode_encode_pixel_space(policy):
+def test_decode_encode_through_the_vae_as_ldm_does(policy):
+    # latents = VAE posterior mean x scaling_factor; images = VAE decode of latents / scaling_factor, [-1,1] -> [0,1]
+    vae, sf = policy.vae, 0.7
+    vae.register_to_config(scaling_factor=sf)
     images = torch.rand(1, 4, 3, 64, 64)
     z = policy.encode(images)
-    assert z.shape == (1, 4, 12, 32, 32)
-    torch.testing.assert_close(policy.decode(z), images, atol=1e-6, rtol=0)
-    # pixel-unshuffle: channel c*4 + dy*2 + dx at (i, j) holds pixel (2i+dy, 2j+dx) of colour c, as 2x-1
-    assert torch.isclose(z[0, 1, 2 * 4 + 1 * 2 + 0, 5, 7], images[0, 1, 2, 11, 14] * 2 - 1)
+    assert z.shape == (1, 4, 4, 16, 16) and policy.latent_shape == (4, 16, 16)
+    with torch.no_grad():
+        ref = vae.encode(images[0] * 2 - 1).latent_dist.mean * sf
+        torch.testing.assert_close(z[0], ref)
+        torch.testing.assert_close(policy.decode(z)[0], (vae.decode(ref / sf).sample / 2 + 0.5).clamp(0, 1))
+    vae.register_to_config(scaling_factor=1.0)
 
 
 def test_frozen_base(policy):

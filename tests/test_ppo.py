@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from ppo import ppo_loss, shuffle_samples
-from support.batch_plan import BatchPlan
 
 
 def test_ppo_loss_matches_hand_computation():
@@ -58,18 +57,3 @@ def test_shuffle_keeps_transitions_paired_and_applies_timestep_fraction():
         assert len(set(out["timesteps"][r].tolist())) == 4
     # Different per-sample time orders (the point of shuffling along time).
     assert len({tuple((out["timesteps"][r] % T).tolist()) for r in range(B)}) > 1
-
-
-def test_batch_plan_arithmetic_and_errors():
-    p = BatchPlan(world_size=48, sample_batch_size=8, num_batches_per_epoch=2, train_batch_size=4,
-                  gradient_accumulation_steps=4, num_steps=100, timestep_fraction=1.0).validate()
-    assert (p.samples_per_epoch, p.train_batch_total, p.updates_per_epoch, p.on_policy) == (768, 768, 1, True)
-    assert "pure on-policy" in p.describe()
-    p2 = BatchPlan(2, 8, 2, 4, 2, 50, 0.5).validate()
-    assert (p2.updates_per_epoch, p2.num_train_timesteps, p2.on_policy) == (2, 25, False)
-    with pytest.raises(ValueError, match="train_batch_size"):
-        BatchPlan(1, 8, 1, 3, 1, 10, 1.0).validate()
-    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        BatchPlan(1, 8, 1, 8, 2, 10, 1.0).validate()
-    with pytest.raises(ValueError, match="timestep_fraction"):
-        BatchPlan(1, 8, 1, 8, 1, 10, 0.0).validate()

@@ -279,7 +279,7 @@ def test_stat_tracker_against_hand_computation():
     sc = math.sqrt(((6 - mc) ** 2 + (8 - mc) ** 2 + (0 - mc) ** 2) / 3) + eps
     np.testing.assert_allclose(adv, [1 / sa, (0 - mc) / sc, 3 / sa], rtol=1e-12)
     assert list(tracker.buffers["a"]) == [2.0, 4.0, 6.0, 8.0]
-    assert tracker.stats() == {"num_prompts": 3, "mean_buffer_length": (4 + 3 + 1) / 3}
+    assert {k: len(v) for k, v in tracker.buffers.items()} == {"a": 4, "b": 3, "c": 1}
 
 
 def test_stat_tracker_state_round_trip():
@@ -353,3 +353,27 @@ def test_mrc_reward_view_order_and_cameras(alex, tiny_setup):
         unordered = lgm.reconstruct(views[:1], standard)  # a wrong order gives a different reconstruction
     assert torch.allclose(out["renders"][:1], expected, atol=1e-5)
     assert not torch.allclose(unordered, gaussians, atol=1e-4)
+
+
+def test_reward_math_is_fp32_under_any_autocast(alex, tiny_setup):
+    # The reward is LPIPS on crops: an outer bf16 autocast (train.py samples under one) must not reach it.
+    # (The LGM itself may run under the caller's autocast; the crop, resize and LPIPS of its renders may not.)
+    lgm, elevation, views, reward_fn, _ = tiny_setup
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = reward_fn(views)
+        leaky = reward.mrc(views, out["renders"], alex, per_view=True)  # without the guard: bf16 LPIPS
+    exact = reward.mrc(views, out["renders"], alex, per_view=True)
+    assert out["mrc_per_view"].dtype == torch.float32 and torch.equal(out["mrc_per_view"], exact)
+    assert not torch.equal(leaky.float(), exact)  # (so the check above could fail)
+
+
+def test_recenter_views_matches_lgms_app_step():
+    # a 10 x 20 px object off-centre -> longer side 0.8 x 64 = 51 px, centred, on white; a blank view stays blank
+    views = torch.ones(1, 4, 3, 64, 64)
+    views[0, 0, :, 5:15, 40:60] = 0.2
+    out = reconstruct.recenter_views(views)
+    fg = (out[0, 0] < 0.95).any(0)
+    ys, xs = torch.nonzero(fg, as_tuple=True)
+    assert xs.max() - xs.min() + 1 == 51 and abs((xs.max() + xs.min()) / 2 - 31.5) <= 1
+    assert abs((ys.max() + ys.min()) / 2 - 31.5) <= 1 and 24 <= ys.max() - ys.min() + 1 <= 26
+    assert torch.equal(out[0, 1:], views[0, 1:])

@@ -120,7 +120,7 @@ def test_trajectory_layout(policy):
     assert traj["prompts"] == PROMPTS
     assert traj["prompt_embeds"].shape == (B, 16, 64)
     assert traj["timesteps"].tolist() == [[751, 501, 251, 1]] * B
-    assert traj["latents"].shape == traj["next_latents"].shape == (B, T, 4, 12, 32, 32)
+    assert traj["latents"].shape == traj["next_latents"].shape == (B, T, 4, 4, 16, 16)
     assert traj["latents"].dtype == traj["next_latents"].dtype == torch.float32
     assert traj["log_probs"].shape == traj["ref_log_probs"].shape == (B, T)
     assert traj["views"].shape == (B, 4, 3, 64, 64) and 0 <= traj["views"].min() and traj["views"].max() <= 1
@@ -156,4 +156,30 @@ def test_sampling_is_deterministic_given_the_generator(policy):
     assert torch.equal(a["next_latents"], b["next_latents"]) and not torch.equal(a["next_latents"], c["next_latents"])
     with pytest.raises(ValueError, match="initial_noise"):
         sample_trajectories(policy, PROMPTS, num_steps=2, guidance_scale=3.0,
-                            initial_noise=torch.zeros(1, 4, 12, 32, 32))
+                            initial_noise=torch.zeros(1, 4, 4, 16, 16))
+
+
+def test_per_sample_generators_make_noise_independent_of_batching(policy):
+    # train.py and evaluate.py give every sample its own generator: a sample's noise must not depend on which
+    # other samples share its batch (so 1 and 2 GPUs, or two batch sizes, sample the same trajectories)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    both = sample_trajectories(policy, PROMPTS, num_steps=3, guidance_scale=3.0, generator=gens([11, 12]))
+    alone = [sample_trajectories(policy, [p], num_steps=3, guidance_scale=3.0, generator=gens([s]))
+             for p, s in zip(PROMPTS, [11, 12])]
+    for i, one in enumerate(alone):
+        assert torch.equal(both["initial_noise"][i], one["initial_noise"][0])
+        torch.testing.assert_close(both["next_latents"][i], one["next_latents"][0], atol=1e-5, rtol=1e-5)
+    swapped = sample_trajectories(policy, PROMPTS[::-1], num_steps=3, guidance_scale=3.0, generator=gens([12, 11]))
+    torch.testing.assert_close(swapped["next_latents"][1], both["next_latents"][0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one per sample"):
+        sample_trajectories(policy, PROMPTS, num_steps=3, guidance_scale=3.0, generator=gens([1]))
+
+
+def test_policy_grad_forward_changes_nothing_but_records_no_graph(policy):
+    # policy_grad runs the sampling forward as the training forward does (autograd on); the values are the same
+    # and nothing leaks out of the no-grad sampler
+    kw = dict(num_steps=3, guidance_scale=3.0, with_reference=True)
+    a = sample_trajectories(policy, PROMPTS, generator=torch.Generator().manual_seed(5), policy_grad=True, **kw)
+    b = sample_trajectories(policy, PROMPTS, generator=torch.Generator().manual_seed(5), **kw)
+    for k in ("next_latents", "log_probs", "ref_log_probs"):
+        assert torch.equal(a[k], b[k]) and not a[k].requires_grad

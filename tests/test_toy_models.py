@@ -307,18 +307,27 @@ def test_line_plot_writes_a_png_of_the_requested_size(tmp_path):
 # ------------------------------------------------------------------------------------- 6. sft.py smoke
 
 def test_sft_mvdream_smoke_writes_loadable_snapshot_and_final_checkpoints(tmp_path):
-    base, long, log = tmp_path / "base", tmp_path / "long", tmp_path / "log"
-    sft.main(["mvdream", "--steps", "3", "--bank", "8", "--batch-size", "2", "--workers", "1", "--device", "cpu",
-              "--snapshot", f"2:{base}", "--out", str(long), "--log-dir", str(log), "--sample-every", "100"])
-    init = MVDreamPolicy.tiny(toy.VOCAB, elevation=toy.TOY.elevation, seed=0).state_dict()
+    vae, base, long, log = tmp_path / "vae", tmp_path / "base", tmp_path / "long", tmp_path / "log"
+    common = ["--bank", "8", "--batch-size", "2", "--workers", "1", "--device", "cpu", "--log-dir", str(log),
+              "--sample-every", "100"]
+    sft.main(["vae", "--steps", "2", "--out", str(vae)] + common)
+    record = json.loads((vae / "sft_record.json").read_text())
+    assert record["scaling_factor"] > 0 and 0 <= record["stained_background_fraction"] <= 1
+    sft.main(["mvdream", "--steps", "3", "--vae", str(vae), "--snapshot", f"2:{base}", "--out", str(long)] + common)
+    from diffusers import AutoencoderKL
+    trained_vae = AutoencoderKL.from_pretrained(vae)
+    init = MVDreamPolicy.tiny(toy.VOCAB, elevation=toy.TOY.elevation, seed=0, vae=trained_vae).state_dict()
     loaded = {}
     for folder, step in ((base, 2), (long, 3)):
         record = json.loads((folder / "sft_record.json").read_text())
         assert record["step"] == step and record["args"]["steps"] == 3 and record["args"]["seed"] == 0
         policy = MVDreamPolicy.from_pretrained(str(folder))
-        assert policy.latent_shape == (12, 32, 32) and policy.elevation == 15.0
+        assert policy.latent_shape == (4, 16, 16) and policy.elevation == 15.0
+        assert policy.vae.config.scaling_factor == trained_vae.config.scaling_factor
         sd = policy.state_dict()
         assert set(sd) == set(init)
+        vae_keys = [k for k in sd if k.startswith("vae.")]
+        assert vae_keys and all(torch.equal(sd[k], init[k].half().float()) for k in vae_keys)  # frozen (fp16 file)
         assert not all(torch.equal(sd[k], init[k]) for k in sd)             # it trained (EMA moved)
         loaded[step] = sd
         traj = sample_trajectories(policy, ["a red cube"], num_steps=2, guidance_scale=5.0, generator=gen(0))

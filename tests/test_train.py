@@ -21,6 +21,7 @@ from mvdream import MVDreamPolicy
 from ppo import ppo_update
 from stat_tracking import PerPromptStatTracker
 from support import checkpoint, prompts as prompt_sources
+from support.config import batch_plan
 from support.batch_plan import BatchPlan
 from sample import sample_trajectories
 
@@ -29,8 +30,7 @@ TOY_YAML = os.path.join(ROOT, "toy.yaml")
 # Explicit values for everything the checks below depend on, so edits to toy.yaml do not change them.
 # lora_alpha 8 with rank 4 (scale 2) makes the LoRA round trip detect a lost alpha.
 TINY = dict(random_init=True, device="cpu", mixed_precision="no", seed=42, num_steps=3, eta=1.0, guidance_scale=5.0,
-            sample_batch_size=2, num_batches_per_epoch=1, train_batch_size=2, gradient_accumulation_steps=1,
-            num_inner_epochs=1, timestep_fraction=1.0, train_cfg=True, clip_range=1e-4, adv_clip_max=5.0,
+            samples_per_epoch=2, micro_batch_size=2, updates_per_epoch=1, num_inner_epochs=1, timestep_fraction=1.0, train_cfg=True, clip_range=1e-4, adv_clip_max=5.0,
             num_train_prompts=2, num_val_prompts=2, stat_min_count=1, stat_buffer_size=8, val_every=1000,
             log_images=0, lora_rank=4, lora_alpha=8.0, per_prompt_stat_tracking=True, kl_penalty=True,
             kl_in_reward=True, kl_per_prompt_stat_tracking=True, kl_normalized_coeff=0.2, save_every=1,
@@ -86,9 +86,10 @@ def assert_same(a, b, where="state"):
 
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory, one_thread):
-    # The reference run: warm-up epoch 0, then two on-policy updates (epochs 1 and 2).
+    # The reference run: warm-up epoch 0, then three on-policy updates (epochs 1 to 3; the KL enters the
+    # advantage from epoch 2, the first sampled after an update).
     run_dir = tmp_path_factory.mktemp("run_a")
-    state = run_train(run_dir, num_epochs=3)
+    state = run_train(run_dir, num_epochs=4)
     return run_dir, state
 
 
@@ -117,7 +118,7 @@ def test_two_ranks_end_identical_and_gradients_are_all_reduced(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
-           str(tmp_path), TOY_YAML] + overrides(run_dir, num_epochs=2)
+           str(tmp_path), TOY_YAML] + overrides(run_dir, num_epochs=2, samples_per_epoch=4)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
@@ -126,7 +127,7 @@ def test_two_ranks_end_identical_and_gradients_are_all_reduced(tmp_path):
     assert_same(r0["lora"], r1["lora"], "lora")
     assert_same(r0["optimizer"], r1["optimizer"], "optimizer")
     assert_same(r0["trackers"], r1["trackers"], "trackers")
-    assert r0["counters"] == r1["counters"] == {"global_step": 1, "skipped_updates": 0}
+    assert r0["counters"] == r1["counters"] and r0["counters"]["global_step"] == 1
 
     # The ranks sampled different data: every gathered reward of the 2 epochs x 2 ranks x 2 samples is distinct
     # (same prompts/noise on both ranks would duplicate them). So equal weights after the update mean the
@@ -154,13 +155,25 @@ def test_two_ranks_end_identical_and_gradients_are_all_reduced(tmp_path):
     # both ranks' samples of -A (A from the gathered rewards: per-prompt z-scores over all 4 samples).
     m = read_metrics(run_dir)
     assert [r["epoch"] for r in m] == [0, 1]
-    assert m[1]["ratio_dev"] <= 1e-5 and m[1]["clipfrac"] == 0.0
-    cfg = train.load_config(TOY_YAML, overrides(run_dir))
+    assert m[1]["ratio_dev_max"] == 0.0 and m[1]["clipfrac"] == 0.0
+    cfg = train.load_config(TOY_YAML, overrides(run_dir, samples_per_epoch=4))
     prompts = prompt_sources.load_prompts(cfg.train_prompts, cfg.num_train_prompts)
-    e1 = [p for r in range(2) for p in prompt_sources.epoch_prompts(cfg, prompts, 1, r, 2, 2)]
-    adv = hand_advantages(r0["trackers"], e1, 0.2)
+    plan = batch_plan(cfg, 2, len(prompts))
+    e1 = [p for r in range(2) for p in prompt_sources.epoch_prompts(cfg, prompts, 1, r, 2, plan)]
+    assert r0["trackers"]["kl"]["buffers"] == {}  # the policy had not moved before epoch 1: no KL yet
+    adv = hand_advantages(r0["trackers"], e1, 0.0)
     assert m[1]["loss"] == pytest.approx(-float(np.mean(adv)), rel=1e-4, abs=1e-6)
     assert abs(np.mean(adv[:2]) - np.mean(adv)) > 1e-3  # rank 0's own mean would differ
+
+    # One rank with the same totals runs the same algorithm: the same trackers (the same samples, whose noise
+    # depends on the sample, not the rank) and, after the update, the same adapters up to summation order.
+    one = run_train(tmp_path / "one_rank", num_epochs=2, samples_per_epoch=4)
+    assert_same({k: t.state_dict() for k, t in one["trackers"].items()}, r0["trackers"], "trackers (1 vs 2 ranks)")
+    # (Adam's first step is ~lr x sign(gradient): an element whose gradient is ~0 may move differently when
+    # the two ranks' gradients are summed in another order, so: all within one step, nearly all identical)
+    diff = torch.cat([(v - r0["lora"][k]).abs().flatten() for k, v in one["policy"].lora_state_dict().items()])
+    assert diff.max() <= 3e-4 and (diff > 1e-6).float().mean() < 0.01
+    assert read_metrics(tmp_path / "one_rank")[1]["loss"] == pytest.approx(m[1]["loss"], rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,10 +187,10 @@ def test_resume_is_bit_exact(run_a, tmp_path):
     run_train(dir_b, num_epochs=2)
     mid = load_ckpt(ckpt(dir_b, 1))
     assert mid["optimizer"]["state"] and all(int(s["step"]) == 1 for s in mid["optimizer"]["state"].values())
-    state_b = run_train(dir_b, num_epochs=3)
-    assert state_b["counters"] == {"global_step": 2, "skipped_updates": 0}
+    state_b = run_train(dir_b, num_epochs=4)
+    assert state_b["counters"]["global_step"] == 3 and state_b["counters"]["skipped_updates"] == 0
 
-    a, b = load_ckpt(ckpt(dir_a, 2)), load_ckpt(ckpt(dir_b, 2))
+    a, b = load_ckpt(ckpt(dir_a, 3)), load_ckpt(ckpt(dir_b, 3))
     assert_same(a["lora"], b["lora"], "lora")
     assert_same(a["optimizer"], b["optimizer"], "optimizer")
     for key in ("epoch", "counters", "trackers"):
@@ -186,13 +199,13 @@ def test_resume_is_bit_exact(run_a, tmp_path):
     assert torch.equal(torch.tensor(a["rng"][0]["torch"]), torch.tensor(b["rng"][0]["torch"]))
     # The logged numbers of the resumed epoch match too, and no epoch is logged twice.
     ma, mb = read_metrics(dir_a), read_metrics(dir_b)
-    assert [r["epoch"] for r in mb] == [0, 1, 2]
+    assert [r["epoch"] for r in mb] == [0, 1, 2, 3]
     for ra, rb in zip(ma, mb):
         assert ("loss" in ra) == ("loss" in rb)
         for k in DETERMINISTIC_METRICS:
             if k in ra and k in rb:  # (B's first run also validated at its last epoch, 1)
                 assert ra[k] == rb[k], (ra["epoch"], k)
-    assert ma[2]["loss"] == mb[2]["loss"] and ma[2]["val_mrc"] == mb[2]["val_mrc"]
+    assert ma[3]["loss"] == mb[3]["loss"] and ma[3]["val_mrc"] == mb[3]["val_mrc"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +221,7 @@ def test_saved_lora_reproduces_trained_policy(run_a):
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     dir_a, state = run_a
     trained = state["policy"]
-    path = ckpt(dir_a, 2)
+    path = ckpt(dir_a, 3)
     x, t, emb = _policy_inputs(trained)
 
     def out(policy):
@@ -240,23 +253,24 @@ def test_saved_lora_reproduces_trained_policy(run_a):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Pure on-policy: at the first update the importance ratio is 1 (fp32 CPU), nothing is clipped.
+# 4. Pure on-policy: at every update of a pure on-policy run the importance ratio is exactly 1 (the training
+#    forward has the sampling forward's shape and program), nothing is clipped.
 
 def test_first_update_is_on_policy(run_a):
     dir_a, _ = run_a
     m = read_metrics(dir_a)
-    assert [r["epoch"] for r in m] == [0, 1, 2]
+    assert [r["epoch"] for r in m] == [0, 1, 2, 3]
     assert "ratio_dev" not in m[0]  # epoch 0 is the warm-up: no update
     for r in m[1:]:  # every update of a pure on-policy run
-        assert r["ratio_dev"] <= 1e-5 and r["clipfrac"] == 0.0 and r["approx_kl"] <= 1e-10
+        assert r["ratio_dev_max"] == 0.0 and r["clipfrac"] == 0.0 and r["approx_kl"] == 0.0
         assert r["skipped"] == 0 and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
-    assert m[2]["global_step"] == 2
+    assert m[3]["global_step"] == 3
 
 
 def test_saved_config_reloads_to_the_same_config(run_a):
     dir_a, _ = run_a
     # The resolved config next to the checkpoints is itself a valid config (e.g. "no" stays a string).
-    assert train.load_config(str(dir_a / "config.yaml")) == train.load_config(TOY_YAML, overrides(dir_a, num_epochs=3))
+    assert train.load_config(str(dir_a / "config.yaml")) == train.load_config(TOY_YAML, overrides(dir_a, num_epochs=4))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,30 +285,32 @@ def _zscore(value, history):
 def hand_advantages(trackers, last_prompts, coeff):
     """A = clip(z_reward - coeff * z_KL, -5, 5) for the samples of a run's last epoch (global sample order),
     from the rewards and KLs its trackers (state dicts) hold in arrival order; with buffer 8 none was dropped,
-    so the last epoch's values are each prompt's last ones and its z-scores use the whole buffer."""
+    so the last epoch's values are each prompt's last ones and its z-scores use the whole buffer. The KL
+    tracker only holds epochs sampled after the first update (coeff 0 before)."""
     z = []
     for pos, p in enumerate(last_prompts):
         n_p, i_p = last_prompts.count(p), last_prompts[:pos].count(p)
-        r_buf, k_buf = trackers["reward"]["buffers"][p], trackers["kl"]["buffers"][p]
-        assert len(r_buf) == len(k_buf) < 8
-        r, k = r_buf[len(r_buf) - n_p + i_p], k_buf[len(k_buf) - n_p + i_p]
-        z.append((_zscore(r, r_buf), _zscore(k, k_buf)))
+        r_buf, k_buf = trackers["reward"]["buffers"][p], trackers["kl"]["buffers"].get(p, [])
+        assert len(r_buf) < 8 and len(k_buf) < 8
+        r = r_buf[len(r_buf) - n_p + i_p]
+        z_k = _zscore(k_buf[len(k_buf) - n_p + i_p], k_buf) if coeff else 0.0
+        z.append((_zscore(r, r_buf), z_k))
     z_r, z_k = np.array(z).T
     return np.clip(z_r - coeff * z_k, -5, 5)
 
 
 def test_loss_uses_z_reward_minus_02_z_kl(run_a):
     dir_a, state = run_a
-    cfg = train.load_config(TOY_YAML, overrides(dir_a, num_epochs=3))
+    cfg = train.load_config(TOY_YAML, overrides(dir_a, num_epochs=4))
     prompts = prompt_sources.load_prompts(cfg.train_prompts, cfg.num_train_prompts)
-    e2 = prompt_sources.epoch_prompts(cfg, prompts, 2, 0, 1, 2)  # the 2 prompts of epoch 2, in sample order
+    e3 = prompt_sources.epoch_prompts(cfg, prompts, 3, 0, 1, batch_plan(cfg, 1, 2))  # epoch 3's, in sample order
     trackers = {k: t.state_dict() for k, t in state["trackers"].items()}
     # On-policy (ratio 1 up to 1e-5, test 4): loss = mean over samples of -A.
-    loss = read_metrics(dir_a)[2]["loss"]
-    want = -float(np.mean(hand_advantages(trackers, e2, 0.2)))
+    loss = read_metrics(dir_a)[3]["loss"]
+    want = -float(np.mean(hand_advantages(trackers, e3, 0.2)))
     assert loss == pytest.approx(want, rel=1e-4, abs=1e-6)
     # The KL term is material here (the check would catch a missing or mis-weighted KL).
-    assert abs(-float(np.mean(hand_advantages(trackers, e2, 0.0))) - want) > 1e-2
+    assert abs(-float(np.mean(hand_advantages(trackers, e3, 0.0))) - want) > 1e-2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,12 +333,9 @@ def _write(tmp_path, text):
     ("stat_min_count: 5\nstat_buffer_size: 4\n", ValueError, ["stat_min_count", "stat_buffer_size"]),
     ("num_steps: 0\n", ValueError, ["num_steps"]),
     ("eta: 0.0\n", ValueError, ["eta"]),
-    # samples per epoch (2 x 1) not a multiple of the train batch (2 x 2)
-    ("sample_batch_size: 2\nnum_batches_per_epoch: 1\ntrain_batch_size: 2\ngradient_accumulation_steps: 2\n",
-     ValueError, ["gradient_accumulation_steps", "train_batch_size", "sample_batch_size"]),
-    # samples per rank (3) not divisible by the micro-batch (2)
-    ("sample_batch_size: 3\nnum_batches_per_epoch: 1\ntrain_batch_size: 2\ngradient_accumulation_steps: 1\n",
-     ValueError, ["train_batch_size", "sample_batch_size"]),
+    ("samples_per_epoch: 30\nupdates_per_epoch: 4\n", ValueError, ["samples_per_epoch", "updates_per_epoch"]),
+    ("samples_per_epoch: 0\n", ValueError, ["samples_per_epoch"]),
+    ("train_batch_size: 4\n", KeyError, ["train_batch_size", "samples_per_epoch", "micro_batch_size"]),
     ("timestep_fraction: 1.5\n", ValueError, ["timestep_fraction"]),
     ("- a list\n", ValueError, ["mapping"]),
 ])
@@ -373,7 +386,8 @@ def _tiny_setup(seed=0):
     samples = {k: traj[k] for k in train.TRAIN_KEYS}
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
-    plan = BatchPlan(1, 2, 1, 2, 1, 2, 1.0).validate()
+    plan = BatchPlan(world_size=1, samples_per_epoch=2, updates_per_epoch=1, micro_batch_size=2,
+                     num_steps=2).validate()
     return policy, samples, params, optimizer, plan
 
 
@@ -413,7 +427,8 @@ def _nonfinite_rank(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         policy, samples, params, optimizer, plan = _tiny_setup()
-        plan = BatchPlan(world, 2, 1, 2, 1, 2, 1.0).validate()
+        plan = BatchPlan(world_size=world, samples_per_epoch=2 * world, updates_per_epoch=1, micro_batch_size=2,
+                         num_steps=2).validate()
         before = [p.detach().clone() for p in params]
         # Only rank 1 sees a NaN; no DDP here, so rank 0's own gradient is finite: only the cross-rank
         # decision can make it skip.
@@ -512,3 +527,42 @@ def test_restart_after_crash_mid_save_redoes_the_epoch_once(run_a, tmp_path):
     assert_same(a["lora"], c["lora"], "lora")
     assert_same(a["optimizer"], c["optimizer"], "optimizer")
     assert_same(a["state"]["trackers"], c["state"]["trackers"], "trackers")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation runs after the update (and once before the first): the last validation scores the final LoRA.
+
+def test_validation_scores_the_policy_after_the_epochs_update(run_a):
+    dir_a, state = run_a
+    cfg = train.load_config(TOY_YAML, overrides(dir_a, num_epochs=4))
+    m = read_metrics(dir_a)
+    assert [r["epoch"] for r in m if "val_mrc" in r] == [0, 3]  # epoch 0 (the start) and the last
+    policy, reward_fn = train.build_models(cfg, torch.device("cpu"))  # the starting policy (LoRA up = 0)
+    plan = batch_plan(cfg, 1, cfg.num_train_prompts)
+    val_prompts = prompt_sources.load_prompts(cfg.val_prompts, cfg.num_val_prompts)
+    logger = type("NoLog", (), {"grid": lambda *a: None})()
+
+    def val():
+        return train.validate(cfg, policy, reward_fn, val_prompts, plan, 0, 1, train.partial(train.devices.autocast,
+                              torch.device("cpu"), False), logger, 0)
+    assert val()["val_mrc"] == m[0]["val_mrc"] and m[0]["val_kl"] == 0.0
+    policy.load_lora(ckpt(dir_a, 3))  # the LoRA after epoch 3's update
+    assert val() == {k: m[3][k] for k in ("val_mrc", "val_kl", "val_fidelity")}
+    assert m[3]["val_mrc"] != m[0]["val_mrc"]
+
+
+def test_best_checkpoint_rule_and_directory(run_a, tmp_path):
+    dir_a, _ = run_a
+    with open(os.path.join(dir_a, "checkpoints", "best", "best.json")) as f:
+        best = json.load(f)
+    vals = [r for r in read_metrics(dir_a) if "val_mrc" in r]
+    assert best["epoch"] == min(vals, key=lambda r: r["val_mrc"])["epoch"]  # no KL limit, fidelity 0 stays 0
+    assert load_file(os.path.join(dir_a, "checkpoints", "best", MVDreamPolicy.LORA_FILE)).keys() == \
+        load_file(os.path.join(ckpt(dir_a, 3), MVDreamPolicy.LORA_FILE)).keys()
+    # The rule itself: lower MRC wins only within the KL limit and the fidelity drop.
+    cfg = train.load_config(TOY_YAML, overrides(tmp_path, best_max_val_kl=0.01, best_max_fidelity_drop=0.05))
+    rule = checkpoint.BestCheckpoint(cfg, {})
+    assert rule.qualifies(0, {"val_mrc": 0.5, "val_kl": 0.0, "val_fidelity": 0.80})
+    assert rule.qualifies(4, {"val_mrc": 0.4, "val_kl": 0.005, "val_fidelity": 0.76})
+    assert not rule.qualifies(8, {"val_mrc": 0.3, "val_kl": 0.02, "val_fidelity": 0.80})  # KL too far
+    assert not rule.qualifies(9, {"val_mrc": 0.2, "val_kl": 0.0, "val_fidelity": 0.74})   # lost the prompt

@@ -248,12 +248,14 @@ def test_strip_cli_writes_png_ply_and_gif_per_row_on_identical_noise(tmp_path):
         assert 0 < len(g) <= 4096 and (g[:, 3] >= 0.005).all()
         assert sum(1 for _ in ImageSequence.Iterator(Image.open(tmp_path / f"strip_{k}_{name}.gif"))) == 72
     # the rows' views: ground-truth renders of object (seed 0, "object", 0, 0), and sft-base sampled from
-    # evaluate.py's fixed noise (seed 0, "noise", 0, 0) with step noise (seed 0, "steps", 0), recomputed here
+    # evaluate.py's fixed noise (all of sample 0's noise from generator (seed 0, "noise", 0, 0)), recomputed here
     gt = toy.render_views(toy.make_object(PROMPT, make_generator("cpu", 0, "object", 0, 0))[None])[0]
     policy = MVDreamPolicy.from_pretrained(str(SFT_BASE)).eval()
-    noise = torch.randn(1, 4, *policy.latent_shape, generator=make_generator("cpu", 0, "noise", 0, 0))
-    sampled = sample_trajectories(policy, [PROMPT], num_steps=4, guidance_scale=5.0, eta=1.0, initial_noise=noise,
-                                  generator=make_generator("cpu", 0, "steps", 0))["views"][0]
+    g = make_generator("cpu", 0, "noise", 0, 0)
+    draws = torch.randn(1 + 4, 4, *policy.latent_shape, generator=g)  # initial noise, then one draw per step
+    sampled = sample_trajectories(policy, [PROMPT], num_steps=4, guidance_scale=5.0, eta=1.0,
+                                  initial_noise=draws[None, 0], generator=[make_generator("cpu", 0, "noise", 0, 0)]
+                                  )["views"][0]
     pixels = torch.from_numpy(np.asarray(strip.convert("RGB")).copy()).permute(2, 0, 1).int()
     for row, views in enumerate((gt, sampled)):
         top = header + row * (cap + tile) + cap
