@@ -35,6 +35,7 @@ import os
 import time
 from multiprocessing import get_context
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
@@ -57,7 +58,8 @@ from support.seeding import make_generator
 def _object(args):
     torch.set_num_threads(1)  # many small workers, not many threads each
     seed, index, instance, prompt = args
-    return toy.make_object(prompt, make_generator("cpu", seed, "object", index, instance))
+    # as numpy: tens of thousands of tensors sent back through a pool exhaust its file-descriptor sharing
+    return toy.make_object(prompt, make_generator("cpu", seed, "object", index, instance)).numpy()
 
 
 def make_bank(n, seed, device, workers=0, independent_fraction=0.0):
@@ -76,8 +78,9 @@ def make_bank(n, seed, device, workers=0, independent_fraction=0.0):
             objects = pool.map(_object, jobs, chunksize=16)
     else:
         objects = [_object(j) for j in tqdm(jobs, desc="objects", leave=False)]
-    gaussians = torch.stack(objects).to(device)
-    rendered = torch.cat([toy.render_views(gaussians[i:i + 64]) for i in range(0, len(jobs), 64)])
+    gaussians = torch.from_numpy(np.stack(objects)).to(device)
+    chunk = 256 if gaussians.is_cuda else 64  # bounded memory; few launches on a GPU
+    rendered = torch.cat([toy.render_views(gaussians[i:i + chunk]) for i in range(0, len(jobs), chunk)])
     first = [j for j, job in enumerate(jobs) if job[2] == 0]  # instance 0 of every example
     views = rendered[first].clone()
     for i, j in enumerate(first):
@@ -117,7 +120,7 @@ def train_vae(args, device):
         if step % 100 == 0:
             log.append({"step": step, "l1": l1.item(), "lpips": lp.item(), "time": time.time() - t0})
         if step % args.sample_every == 0 or step == args.steps:
-            tqdm.write(f"step {step}: l1 {l1.item():.4f} lpips {lp.item():.4f}")
+            tqdm.write(f"step {step}: l1 {l1.item():.4f} lpips {lp.item():.4f} ({time.time() - t0:.0f} s)")
     vae.eval()
     quality = _vae_quality(vae, images[:1024], device)
     vae.save_pretrained(args.out)
@@ -181,12 +184,15 @@ def train_mvdream(args, device):
             torch._foreach_lerp_(ema_params, params, 1 - min(args.ema, (1 + step) / (10 + step)))
         if step % 100 == 0:
             log.append({"step": step, "loss": loss.item(), "time": time.time() - t0})
-        if step % args.sample_every == 0 or step in snapshots or step == args.steps:
+        out_of_time = args.max_minutes and time.time() - t0 > 60 * args.max_minutes
+        if step % args.sample_every == 0 or step in snapshots or step == args.steps or out_of_time:
             _sample_grid(ema, args, step, device)
-            tqdm.write(f"step {step}: loss {loss.item():.4f}")
+            tqdm.write(f"step {step}: loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
         if step in snapshots:
             _save_policy(ema, snapshots[step], args, step, time.time() - t0, log)
-    _save_policy(ema, args.out, args, args.steps, time.time() - t0, log)
+        if out_of_time:  # the final checkpoint is this step's (its record says which step it is)
+            break
+    _save_policy(ema, args.out, args, step, time.time() - t0, log)
 
 
 def _denoise_loss(policy, x0, ids, t, noise):
@@ -282,6 +288,7 @@ def main(argv=None):
                    help="mvdream: fraction of examples whose 4 views come from 4 instances of the prompt")
     p.add_argument("--kl-weight", type=float, default=1e-6, help="vae: KL weight (LDM's, see train_vae)")
     p.add_argument("--compile", action="store_true", help="mvdream: torch.compile the loss (GPU: fewer launches)")
+    p.add_argument("--max-minutes", type=float, default=0, help="mvdream: stop (and save) after this long (0: never)")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     p.add_argument("--snapshot", action="append", default=[], metavar="STEP:DIR",
                    help="mvdream: also save the model at STEP into DIR (repeatable)")

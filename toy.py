@@ -155,7 +155,7 @@ def test_prompts() -> list[str]:
 #   front = towards view 0's camera (-x), back = +x, left = image-left of view 0 (-z), right = +z, top = +y.
 # MVDream view j looks from azimuth 90*((j-1) % 4): view 1 from +z (sees the "right" part in front, the "left"
 # part hidden), view 2 from +x (sees the back, left/right swapped in the image), view 3 from -z.
-# The random yaw below is at most 10 degrees, far too small to move a part to another side.
+# The random yaw below is at most 25 degrees, too small to move a part to another side (45 would).
 # ---------------------------------------------------------------------------------------------------------
 SIDE_DIRECTIONS = {
     "front": (-1.0, 0.0, 0.0),
@@ -164,7 +164,7 @@ SIDE_DIRECTIONS = {
     "right": (0.0, 0.0, 1.0),
     "top": (0.0, 1.0, 0.0),
 }
-MAX_YAW_DEG = 10.0
+MAX_YAW_DEG = 25.0
 LIGHT = torch.nn.functional.normalize(torch.tensor([-0.4, 1.0, -0.5]), dim=0)  # from above, front-left (world)
 
 # ---------------------------------------------------------------------------------------------------------
@@ -296,24 +296,32 @@ def _shape_gaussians(shape, n, half_size, center, rgb, generator):
 # ---------------------------------------------------------------------------------------------------------
 # make_object: prompt -> (N, 14) Gaussians [xyz, opacity, scale(3), rotation (w,x,y,z), rgb], activated values.
 # Random per object (all from `generator`): main/part size, part gap and sideways offset, shade of each colour,
-# yaw (<= 10 deg), lattice offsets. Shading from a fixed world light is baked into the colours (the renderer
+# yaw (<= 25 deg), lattice offsets. Shading from a fixed world light is baked into the colours (the renderer
 # has no lighting), so the 3D shape reads in the images and stays consistent across views. The object is
-# centred on its bounding box (like LGM's recentring in app.py) and fits in [-0.47, 0.47]^3.
+# centred on its bounding box (like LGM's recentring in app.py) and fits in [-0.49, 0.49]^3.
 # ---------------------------------------------------------------------------------------------------------
+# Instance variation of an object (all drawn per object): sizes, shade, yaw, the part's gap and slide. Wide
+# enough that views of two instances of one prompt visibly disagree (sizes differ by up to 60%), which is what
+# the SFT data's independent-view examples need (sft.py), while every instance still matches its prompt.
+MAIN_HALF_SIZE, PART_HALF_SIZE, PART_GAP, PART_SLIDE = (0.20, 0.32), (0.10, 0.15), (0.0, 0.04), 0.6
+SHADE = 0.15  # brightness factor in [1 - SHADE, 1 + SHADE]; keeps the hue, so the colour word stays true
+
+
 def _jittered_color(name, generator):
     base = torch.tensor(PALETTE[name])
-    return (base + (torch.rand(3, generator=generator) - 0.5) * 0.08).clamp(0.0, 1.0)
+    brightness = 1.0 + (2 * torch.rand((), generator=generator).item() - 1.0) * SHADE
+    return (base * brightness + (torch.rand(3, generator=generator) - 0.5) * 0.04).clamp(0.0, 1.0)
 
 
 def make_object(prompt: str, generator: torch.Generator) -> torch.Tensor:
     p = parse_prompt(prompt)
-    h = _uniform(generator, 0.24, 0.30)                       # main half-size
+    h = _uniform(generator, *MAIN_HALF_SIZE)                  # main half-size
     main_rgb = _jittered_color(p.color, generator)
     parts = [_shape_gaussians(p.shape, N_MAIN, h, (0.0, 0.0, 0.0), main_rgb, generator)]
     if p.has_part:
-        s = _uniform(generator, 0.11, 0.14)                   # part half-size
-        gap = _uniform(generator, 0.0, 0.04)
-        slide = _uniform(generator, -0.3, 0.3) * s            # offset along the side, never onto another side
+        s = _uniform(generator, *PART_HALF_SIZE)              # part half-size
+        gap = _uniform(generator, *PART_GAP)
+        slide = _uniform(generator, -PART_SLIDE, PART_SLIDE) * s  # along the side, never onto another side
         d = torch.tensor(SIDE_DIRECTIONS[p.side])
         if p.side == "top":                                   # rests on the top (cone: on its apex)
             center = d * (h + s + 0.5 * gap)
