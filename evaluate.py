@@ -8,8 +8,10 @@
 Every prompt gets --seeds samples from fixed initial noise (seeded by prompt index and sample index), so
 two checkpoints are compared on identical noise, as Carve3D compares base and finetuned models (Fig. 3).
   MRC        mean/std over samples of the MRC reward's LPIPS (lower = more consistent).
-  fidelity   toy world only: toy.fidelity, whether each view's colours and their proportions match
-             ground-truth renders of the prompt at that camera (1 = matches, 0 = empty or wrong colour).
+  fidelity   toy world only: fidelity.fidelity, whether each view shows the prompt's main object (colour,
+             size, shape) and its part (colour, size, shape, side; hidden where ground truth hides it) and
+             nothing else, against ground-truth renders of the prompt at that camera (1 = matches, 0 = empty
+             or wrong main colour; formula at the top of fidelity.py).
   diversity  mean over prompts of the mean pairwise LPIPS-AlexNet between the samples of that prompt
              (averaged over the 4 views); Carve3D's claim is that RL keeps it while longer SFT loses it.
 Writes metrics.json and grid.png (first sample of each of the first 8 prompts, captioned with MRC); with --orbit N
@@ -24,6 +26,7 @@ import os
 import torch
 
 import toy
+from fidelity import fidelity
 from mvdream import MVDreamPolicy
 from reconstruct import LGM
 from reward import MRCReward, load_lpips
@@ -77,7 +80,7 @@ def evaluate(args, device):
                "mrc_mean": mrc.mean().item(), "mrc_std": mrc.std().item() if len(mrc) > 1 else 0.0,
                "diversity": diversity(views, lpips_model)}
     if args.prompts.startswith("toy:"):
-        fid = toy.fidelity(flat.cpu(), [p for p in prompts for _ in range(args.seeds)], args.elevation)
+        fid = fidelity(flat.cpu(), [p for p in prompts for _ in range(args.seeds)], args.elevation)
         metrics.update(fidelity_mean=fid.mean().item(), fidelity_std=fid.std().item() if len(fid) > 1 else 0.0)
     metrics["source"] = "ground truth" if args.ground_truth else {"checkpoint": args.checkpoint, "lora": args.lora}
     metrics["options"] = {k: v for k, v in vars(args).items() if k not in ("out",)}

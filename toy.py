@@ -9,7 +9,8 @@
 # model can get one view right and another wrong — exactly the inconsistency MRC is meant to catch.
 #
 # Sections: constants, prompt grammar and splits, object frame, shapes, make_object, rendering and batches,
-# fidelity (prompt check used by evaluate.py), distort_view (controlled inconsistency, Carve3D Sec. 3).
+# palette colour classes (used by fidelity.py, the prompt-fidelity metric), distort_view (controlled
+# inconsistency, Carve3D Sec. 3).
 import itertools
 import math
 import time
@@ -57,7 +58,7 @@ N_MAIN, N_PART = 768, 256
 # known words. The splits are therefore disjoint and together cover the whole grammar: 20 single-object and
 # 1600 two-object prompts, 1179 in train and 441 in test.
 # ---------------------------------------------------------------------------------------------------------
-PALETTE = {  # base RGB; hue is what the fidelity check reads, so hues are kept >= 50 degrees apart
+PALETTE = {  # base RGB; hue is what fidelity.py reads, so hues are kept >= 50 degrees apart
     "red": (0.85, 0.10, 0.10),
     "yellow": (0.95, 0.82, 0.08),
     "green": (0.12, 0.68, 0.18),
@@ -403,28 +404,15 @@ def make_batch(prompts: list[str], generator: torch.Generator, extra_views: int 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Prompt fidelity (used by evaluate.py). What it measures, per view j of a sample:
-#   1. foreground = pixels with any channel < 0.95 (the background is white);
-#   2. each foreground pixel is classified by HUE into the 5 palette colours (nearest palette hue within 25 deg,
-#      chroma max-min >= 0.12) or "other". Hue ignores the baked shading and the white blending at edges;
-#   3. hist_obs = distribution of the foreground over (image half: left/right of the centre column) x class,
-#      12 bins; hist_exp = the same for ground-truth renders of the prompt at the same camera (mean counts
-#      over the FIDELITY_SEEDS objects). The halves make a part on the mirrored side cost as much as a missing
-#      part in views 0 and 2;
-#   4. s_j = (1 - 0.5 * L1(hist_obs, hist_exp)) * size_j, with size_j = min(1, 2 * min(r, 1/r)) for
-#      r = foreground pixels observed / expected (full credit within a factor 2 of the expected size);
-#      an empty view scores 0.
-# score = mean_j s_j, times two checks on the 4 views pooled: 0 unless the main colour is the most frequent
-# palette colour, and times min(1, part-colour share / (0.5 * its expected share)) for prompts with a part.
-# It checks colours, their proportions and left/right placement per view (a part on the wrong side, or
-# missing in a view, lowers it) and rough size; it does not check shape. GT renders of new seeds score
-# ~0.9-1.0 (min 0.91, mean 0.95 over 60 random prompts). Cost: 3 objects x 4 views rendered once per new
-# prompt (cached in _EXPECTED_HIST).
+# Palette colour classes of image pixels: what fidelity.py (the prompt-fidelity metric) segments views with,
+# and what distort_view's recolor / blob pick their colours with.
+#   foreground = pixels with any channel < 0.95 (the background is white); each foreground pixel is classified
+#   by HUE into the 5 palette colours (nearest palette hue within 25 deg, chroma max-min >= 0.12) or "other".
+#   Hue ignores the baked shading and the white blending at edges.
 # ---------------------------------------------------------------------------------------------------------
 FOREGROUND_MAX = 0.95
 HUE_TOLERANCE = 25.0
 MIN_CHROMA = 0.12
-FIDELITY_SEEDS = (1000, 1001, 1002)
 
 
 def _hue_chroma(rgb):
@@ -458,49 +446,6 @@ def palette_histogram(images: torch.Tensor) -> torch.Tensor:
     onehot = torch.nn.functional.one_hot(cls.clamp(min=0), len(COLORS) + 1) * (cls >= 0)[..., None]
     w = cls.shape[-1]
     return torch.stack([onehot[..., : w // 2, :].sum((-3, -2)), onehot[..., w - w // 2:, :].sum((-3, -2))], -2).float()
-
-
-_EXPECTED_HIST: dict = {}
-
-
-def expected_histogram(prompt: str, elevation: float = TOY.elevation, resolution: int = TOY.resolution):
-    key = (prompt, float(elevation), int(resolution))
-    if key not in _EXPECTED_HIST:
-        g = torch.stack([make_object(prompt, torch.Generator().manual_seed(s)) for s in FIDELITY_SEEDS])
-        hist = palette_histogram(render_views(g, elevation, resolution))          # (S, 4, 2, 6)
-        _EXPECTED_HIST[key] = hist.mean(0)                                        # (4, 2, 6) mean counts
-    return _EXPECTED_HIST[key]
-
-
-def fidelity(views: torch.Tensor, prompts: list[str], elevation: float = TOY.elevation) -> torch.Tensor:
-    if views.dim() != 5 or views.shape[1:3] != (TOY.num_views, 3):
-        raise ValueError(f"views must be (B, 4, 3, H, W) in MVDream order, got {tuple(views.shape)}")
-    if len(prompts) != views.shape[0]:
-        raise ValueError(f"got {len(prompts)} prompts for {views.shape[0]} samples; pass one prompt per sample")
-    if views.shape[-1] != views.shape[-2]:
-        raise ValueError(f"views must be square, got {views.shape[-2]}x{views.shape[-1]}")
-    obs = palette_histogram(views.detach().cpu()).flatten(-2)                         # (B, 4, 12)
-    exp = torch.stack([expected_histogram(p, elevation, views.shape[-1]) for p in prompts]).flatten(-2)
-    n_obs, n_exp = obs.sum(-1), exp.sum(-1)
-    l1 = (obs / n_obs.clamp(min=1)[..., None] - exp / n_exp[..., None]).abs().sum(-1)
-    ratio = n_obs / n_exp
-    size = (2 * torch.minimum(ratio, 1 / ratio.clamp(min=1e-8))).clamp(max=1.0)
-    per_view = torch.where(n_obs > 0, (1 - 0.5 * l1) * size, torch.zeros_like(l1))
-    # pooled over the 4 views: the main colour must be the most frequent palette colour, and the part's colour
-    # must cover at least half its expected share (a missing or wrongly coloured part fails the prompt)
-    pooled = obs.unflatten(-1, (2, -1)).sum((1, 2))[:, : len(COLORS)]                 # (B, 5)
-    share = pooled / pooled.sum(1, keepdim=True).clamp(min=1)
-    exp_pooled = exp.unflatten(-1, (2, -1)).sum((1, 2))[:, : len(COLORS)]
-    exp_share = exp_pooled / exp_pooled.sum(1, keepdim=True)
-    parsed = [parse_prompt(p) for p in prompts]
-    main = torch.tensor([COLORS.index(p.color) for p in parsed])
-    dominant = (pooled.gather(1, main[:, None])[:, 0] >= pooled.max(1).values) & (pooled.sum(1) > 0)
-    part_ok = torch.ones(len(prompts))
-    for i, p in enumerate(parsed):
-        if p.has_part:
-            k = COLORS.index(p.part_color)
-            part_ok[i] = (share[i, k] / (0.5 * exp_share[i, k])).clamp(max=1.0)
-    return (per_view.mean(1) * dominant * part_ok).clamp(0.0, 1.0).to(views.device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -595,7 +540,6 @@ if __name__ == "__main__":
     t0 = time.perf_counter()
     batch = make_batch(pick, gen, extra_views=0)
     print(f"made + rendered {len(pick)} objects x 4 views in {time.perf_counter() - t0:.2f} s")
-    print("fidelity of the ground-truth renders:", [round(x, 3) for x in fidelity(batch["views"], pick).tolist()])
     scale, label = 2, 14
     s = TOY.resolution * scale
     canvas = Image.new("RGB", (4 * s, len(pick) * (s + label)), "white")
