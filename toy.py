@@ -165,7 +165,7 @@ SIDE_DIRECTIONS = {
     "right": (0.0, 0.0, 1.0),
     "top": (0.0, 1.0, 0.0),
 }
-MAX_YAW_DEG = 25.0
+MAX_YAW_DEG = 15.0
 LIGHT = torch.nn.functional.normalize(torch.tensor([-0.4, 1.0, -0.5]), dim=0)  # from above, front-left (world)
 
 # ---------------------------------------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def _shape_gaussians(shape, n, half_size, center, rgb, generator):
 # Instance variation of an object (all drawn per object): sizes, shade, yaw, the part's gap and slide. Wide
 # enough that views of two instances of one prompt visibly disagree (sizes differ by up to 60%), which is what
 # the SFT data's independent-view examples need (sft.py), while every instance still matches its prompt.
-MAIN_HALF_SIZE, PART_HALF_SIZE, PART_GAP, PART_SLIDE = (0.20, 0.32), (0.10, 0.15), (0.0, 0.04), 0.6
+MAIN_HALF_SIZE, PART_HALF_SIZE, PART_GAP, PART_SLIDE = (0.20, 0.32), (0.11, 0.14), (0.0, 0.04), 0.3
 SHADE = 0.15  # brightness factor in [1 - SHADE, 1 + SHADE]; keeps the hue, so the colour word stays true
 
 

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 import toy
+from fidelity import fidelity
 from kl import advantages_with_kl, kl_estimate
 from mvdream import MVDreamPolicy
 from ppo import ppo_update
@@ -178,7 +179,7 @@ def validate(cfg, policy, reward_fn, val_prompts, plan, rank, world, autocast, l
         gathered["val_kl"] = kl_estimate(out["log_probs"], out["ref_log_probs"]) if out else torch.zeros(0)
     if cfg.world == "toy":
         mine_prompts = [val_prompts[i] for i in mine]
-        gathered["val_fidelity"] = toy.fidelity(out["views"].cpu(), mine_prompts) if out else torch.zeros(0)
+        gathered["val_fidelity"] = fidelity(out["views"].cpu(), mine_prompts) if out else torch.zeros(0)
     return {k: torch.cat(devices.gather_list([v.float().cpu()])).mean().item() for k, v in gathered.items()}
 
 
