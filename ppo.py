@@ -7,10 +7,14 @@ of a whole trajectory is shared by all its steps (Black et al. 2024, Sec. 4.2, E
 Carve3D's change ("pure on-policy training", Sec. 4.2): total sample batch == total train batch, so every
 epoch makes exactly one optimizer step with all samples and all timesteps. Parameters do not move between
 sampling and that step, so rho == 1 and the update is the on-policy score-function estimator (DDPO's Eq. 3).
-Here rho == 1 holds bit for bit, in bf16 too: the training forward has the shape of the sampling forward (the
-plan's micro-batch) and is the same program (sample.py policy_grad), so it reproduces the sampled log-probs
-exactly; the first update logs clipfrac 0 and ratio_dev_max 0. With k optimizer steps per epoch this is
-ordinary multi-update PPO, as DDPO's own configs do. support/batch_plan.py holds that arithmetic.
+Here rho == 1 holds exactly, in bf16 too: before the first optimizer step after sampling the parameters have
+not moved, so the old log-prob IS the current one, and we take it from the training forward itself
+(log_prob.detach()). The log-probs stored at sampling time are then a diagnostic only (logp_replay_err): a GPU
+forward batched differently can differ in its last bits (measured on an H200 in bf16 with equal micro-batch
+shapes: |rho - 1| up to 1.2e-2, half the ratios clipped at clip_range 1e-4), which would clip an update that
+is on-policy by construction. The Carve3D README (desaixie/carve3d) expects dropping the ratio to make no
+difference. With k optimizer steps per epoch this is DDPO's multi-update PPO: the later steps compare with
+the stored sampling log-probs. support/batch_plan.py holds that arithmetic.
 
 Adapted from ddpo-pytorch's training loop (kvablack/ddpo-pytorch scripts/train.py): same loss, same clipping
 of advantages, same shuffling along the batch and independently along time, same approx_kl/clipfrac;
@@ -77,14 +81,18 @@ def shuffle_samples(samples, generator, num_train_timesteps):
 
 
 def micro_step_loss(model, policy, mb, j, *, eta, guidance_scale, clip_range, adv_clip_max, autocast,
-                    kl_beta=0.0, kl_in_loss=False):
+                    kl_beta=0.0, kl_in_loss=False, unmoved=False):
     """The PPO loss of one micro-batch at its j-th (shuffled) timestep: re-score the stored transition
-    x_t -> x_t' under the current policy and compare with the log-prob it had when it was sampled."""
+    x_t -> x_t' under the current policy and compare with the old policy's log-prob of it (unmoved: the
+    parameters have not changed since sampling, so the old log-prob is this one, detached)."""
     with autocast():
         eps = model(mb["latents"][:, j], mb["timesteps"][:, j], mb["prompt_embeds"], guidance_scale)
     log_prob = ddim_step_with_logprob(policy.scheduler, eps.float(), mb["timesteps"][:, j], mb["latents"][:, j], eta,
                                       prev_sample=mb["next_latents"][:, j])[1]
-    loss, info = ppo_loss(log_prob, mb["log_probs"][:, j], mb["advantages"], clip_range, adv_clip_max)
+    sampled = mb["log_probs"][:, j].to(log_prob.dtype)
+    loss, info = ppo_loss(log_prob, log_prob.detach() if unmoved else sampled, mb["advantages"], clip_range,
+                          adv_clip_max)
+    info["logp_replay_err"] = (log_prob.detach() - sampled).abs().max()
     if kl_in_loss:  # Carve3D's kl_in_reward=False branch
         loss = loss + kl_loss_term(log_prob, mb["ref_log_probs"][:, j], kl_beta)
     return loss, info
@@ -112,9 +120,18 @@ def ppo_update(model, policy, samples, advantages, optimizer, plan, *, eta, guid
         micro = [{k: v[i:i + M] for k, v in shuffled.items()} for i in range(0, B, M)]
         for start in range(0, len(micro), plan.accumulation_steps):
             group = micro[start:start + plan.accumulation_steps]
+            unmoved = not infos  # the first optimizer step after sampling: nothing has changed the parameters
             infos.append(_optimizer_step(model, policy, group, plan.num_train_timesteps, optimizer, params,
-                                         max_grad_norm, nonfinite, step_kw))
+                                         max_grad_norm, nonfinite, dict(step_kw, unmoved=unmoved)))
     return infos
+
+
+MAXED = ("ratio_dev_max", "logp_replay_err")  # logged as maxima, not means
+
+
+def summarize(infos):
+    """An epoch's optimizer steps -> one log line: means, and maxima of MAXED."""
+    return {k: max(i[k] for i in infos) if k in MAXED else sum(i[k] for i in infos) / len(infos) for k in infos[0]}
 
 
 def _optimizer_step(model, policy, group, n_time, optimizer, params, max_grad_norm, nonfinite, step_kw):
@@ -141,11 +158,13 @@ def _optimizer_step(model, policy, group, n_time, optimizer, params, max_grad_no
         raise FloatingPointError(
             "ppo_update: non-finite loss or gradient norm; stopping (config nonfinite: stop). "
             "Set nonfinite: skip to skip such updates, or lower learning_rate / use bf16 instead of fp16.")
-    # logged values are means over every rank's samples (as ddpo-pytorch logs them); ratio_dev_max the max
-    keys = [k for k in stats[0] if k != "ratio_dev_max"]
+    # logged values are means over every rank's samples (as ddpo-pytorch logs them), maxima for the MAXED ones
+    maxed = MAXED
+    keys = [k for k in stats[0] if k not in maxed]
     means = mean_over_ranks(torch.stack([torch.stack([s[k] for s in stats]).float().mean() for k in keys]))
     info = dict(zip(keys, means.tolist()))
-    info["ratio_dev_max"] = max_over_ranks(torch.stack([s["ratio_dev_max"] for s in stats]).float().max()).item()
+    maxima = max_over_ranks(torch.stack([torch.stack([s[k] for s in stats]).float().max() for k in maxed]))
+    info.update(zip(maxed, maxima.tolist()))
     info.update(grad_norm=float(grad_norm), skipped=0 if ok else 1)
     return info
 

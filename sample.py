@@ -15,7 +15,6 @@
 # S = 30 is a trap: the original runs 31 steps (991, 958, ..., 1: range(0, 1000, 33) has 31 entries) while
 # diffusers runs 30 (958, ..., 1), so LGM's app (30 steps through the diffusers port) and the original scripts
 # differ. We use S = 50 for the paper setup and S = 20 for the toy world.
-import contextlib
 import math
 
 import torch
@@ -65,7 +64,7 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_
 
 @torch.no_grad()
 def sample_trajectories(policy, prompts, *, num_steps, guidance_scale, eta=1.0, generator=None, initial_noise=None,
-                        with_reference=False, model=None, policy_grad=False):
+                        with_reference=False, model=None):
     # One batch of B prompts x 4 views, CFG on every step. `model` (e.g. the DDP wrapper) runs the policy
     # forward; the reference (Carve3D's KL) is the same UNet with its adapters off, evaluated on the SAME
     # CFG inputs, scoring the SAME sampled next latent under its own mean (same sigma; desaixie/carve3d
@@ -73,8 +72,7 @@ def sample_trajectories(policy, prompts, *, num_steps, guidance_scale, eta=1.0, 
     # math is fp32 either way.
     # generator: one torch.Generator for the batch, or a list with one per sample (train.py, evaluate.py): then
     # each sample's initial and step noise depend on that sample alone, not on how samples are batched or
-    # spread over GPUs. policy_grad: run the policy forward with autograd on, i.e. the very program of the
-    # training forward (ppo.py), so that the stored log-probs are reproduced bit for bit at the update.
+    # spread over GPUs.
     model = policy if model is None else model
     prompts = list(prompts)
     B, V, shape = len(prompts), policy.num_views, tuple(policy.latent_shape)
@@ -101,8 +99,7 @@ def sample_trajectories(policy, prompts, *, num_steps, guidance_scale, eta=1.0, 
     latents, next_latents, log_probs, ref_log_probs = [], [], [], []
     for k, t in enumerate(timesteps):
         tb = t.expand(B)
-        with torch.enable_grad() if policy_grad else contextlib.nullcontext():
-            eps = model(x, tb, prompt_embeds, guidance_scale).detach()
+        eps = model(x, tb, prompt_embeds, guidance_scale)
         noise_k = None if step_noise is None else step_noise[:, k]
         x_next, log_prob = ddim_step_with_logprob(policy.scheduler, eps, tb, x, eta, generator=generator, noise=noise_k)
         if with_reference:

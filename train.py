@@ -30,7 +30,7 @@ import toy
 from fidelity import fidelity
 from kl import advantages_with_kl, kl_estimate
 from mvdream import MVDreamPolicy
-from ppo import ppo_update
+from ppo import ppo_update, summarize
 from reconstruct import LGM
 from reward import MRCReward, load_lpips
 from sample import sample_trajectories
@@ -138,7 +138,7 @@ def build_models(cfg, device):
     policy.eval()  # eval throughout: no dropout, so sampling and training forwards agree
     lgm.to(device, frozen).eval().requires_grad_(False)
     if cfg.compile and device.type == "cuda":
-        policy.unet.compile(dynamic=False)  # one program for sampling and training: same shapes, same kernels
+        policy.unet.compile(dynamic=False)  # sampling and training share the micro-batch: few recompiles
     reward_fn = MRCReward(lgm, load_lpips("alex").to(device), elevation=cfg.elevation,
                           lpips_size=cfg.lpips_size or None, recenter=cfg.lgm_recenter)
     return policy, reward_fn
@@ -153,11 +153,11 @@ TRAIN_KEYS = ("prompt_embeds", "timesteps", "latents", "next_latents", "log_prob
 def rollout(cfg, policy, reward_fn, prompts, micro, generators, autocast, with_reference):
     # generators: one per sample (its noise does not depend on batching or on the number of GPUs)
     batches = []
-    for i in range(0, len(prompts), micro):  # micro-batches of the training forward's shape (ppo.py)
+    for i in range(0, len(prompts), micro):  # micro-batches: what fits one GPU (config micro_batch_size)
         with autocast():
             traj = sample_trajectories(policy, prompts[i:i + micro], num_steps=cfg.num_steps, eta=cfg.eta,
                                        guidance_scale=cfg.guidance_scale, generator=generators[i:i + micro],
-                                       with_reference=with_reference, policy_grad=True)
+                                       with_reference=with_reference)
         out = reward_fn(traj["views"])
         batch = {k: traj[k] for k in TRAIN_KEYS if k in traj}
         batch.update(views=traj["views"], reward=out["reward"].float(), mrc=out["mrc"].float())
@@ -168,25 +168,22 @@ def rollout(cfg, policy, reward_fn, prompts, micro, generators, autocast, with_r
 def validate(cfg, policy, reward_fn, val_prompts, plan, rank, world, autocast, logger, epoch):
     """MRC, KL (and toy fidelity) on fixed prompts with fixed initial and step noise (Carve3D's val)."""
     mine = list(range(rank, len(val_prompts), world))
-    out = {}
+    prompts, out = [val_prompts[i] for i in mine], {}
     if mine:
-        out = rollout(cfg, policy, reward_fn, [val_prompts[i] for i in mine], plan.micro_batch_size,
+        out = rollout(cfg, policy, reward_fn, prompts, plan.micro_batch_size,
                       [make_generator("cpu", cfg.seed, "val", i) for i in mine], autocast, cfg.kl_log)
-        mrcs = out["mrc"].tolist()
-        logger.grid(epoch, "val", out["views"], [f"{val_prompts[i]} | MRC {m:.3f}" for i, m in zip(mine, mrcs)])
+        logger.grid(epoch, "val", out["views"], [f"{p} | MRC {m:.3f}" for p, m in zip(prompts, out["mrc"].tolist())])
     gathered = {"val_mrc": out.get("mrc", torch.zeros(0))}
     if cfg.kl_log:
         gathered["val_kl"] = kl_estimate(out["log_probs"], out["ref_log_probs"]) if out else torch.zeros(0)
     if cfg.world == "toy":
-        mine_prompts = [val_prompts[i] for i in mine]
-        gathered["val_fidelity"] = fidelity(out["views"].cpu(), mine_prompts) if out else torch.zeros(0)
+        gathered["val_fidelity"] = fidelity(out["views"].cpu(), prompts) if out else torch.zeros(0)
     return {k: torch.cat(devices.gather_list([v.float().cpu()])).mean().item() for k, v in gathered.items()}
 
 
 def advantages(cfg, samples, prompts, trackers, rank, samples_per_rank, policy_moved):
-    """Rewards and KL gathered from every rank -> identical trackers everywhere -> this rank's advantages.
-    Until the first update the policy IS the reference: its KL is 0 up to kernel numerics and stays out of
-    the KL tracker, whose z-scores would otherwise start from a buffer of (near) zeros."""
+    """Rewards and KL gathered from every rank -> identical trackers everywhere -> this rank's advantages. Until the
+    first update the policy IS the reference: its KL (0 up to numerics) stays out of the KL tracker's buffers."""
     all_prompts = devices.gather_list(prompts)
     rewards = devices.gather_tensor(samples["reward"]).cpu().numpy()
     kl = None
@@ -219,8 +216,7 @@ def update(cfg, model, policy, samples, adv, optimizer, plan, params, autocast, 
                        nonfinite=cfg.nonfinite, params=params)
     counters["global_step"] += sum(1 - i["skipped"] for i in infos)
     counters["skipped_updates"] += sum(i["skipped"] for i in infos)
-    return {k: float(np.mean([i[k] for i in infos])) if k != "ratio_dev_max" else max(i[k] for i in infos)
-            for k in infos[0]}
+    return summarize(infos)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,8 +3,7 @@
 # ranks. So 1, 2, 8 or 48 GPUs run the same algorithm and only the wall time differs. One optimizer step per epoch
 # with every sample is Carve3D's pure on-policy update (desaixie/carve3d README "Pure On-policy Training";
 # config/dgx.py: 768 samples = the train batch on 48 GPUs); k steps per epoch is DDPO's multi-update PPO.
-# The micro-batch is the same in sampling and training, so the training forward runs the very kernels that
-# sampled the trajectories and reproduces their log-probs bit for bit (ppo.py). Support code for train.py.
+# The micro-batch (what fits memory) is the same in sampling and training. Support code for train.py.
 from dataclasses import dataclass
 
 

@@ -173,13 +173,3 @@ def test_per_sample_generators_make_noise_independent_of_batching(policy):
     torch.testing.assert_close(swapped["next_latents"][1], both["next_latents"][0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="one per sample"):
         sample_trajectories(policy, PROMPTS, num_steps=3, guidance_scale=3.0, generator=gens([1]))
-
-
-def test_policy_grad_forward_changes_nothing_but_records_no_graph(policy):
-    # policy_grad runs the sampling forward as the training forward does (autograd on); the values are the same
-    # and nothing leaks out of the no-grad sampler
-    kw = dict(num_steps=3, guidance_scale=3.0, with_reference=True)
-    a = sample_trajectories(policy, PROMPTS, generator=torch.Generator().manual_seed(5), policy_grad=True, **kw)
-    b = sample_trajectories(policy, PROMPTS, generator=torch.Generator().manual_seed(5), **kw)
-    for k in ("next_latents", "log_probs", "ref_log_probs"):
-        assert torch.equal(a[k], b[k]) and not a[k].requires_grad

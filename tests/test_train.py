@@ -263,6 +263,9 @@ def test_first_update_is_on_policy(run_a):
     assert "ratio_dev" not in m[0]  # epoch 0 is the warm-up: no update
     for r in m[1:]:  # every update of a pure on-policy run
         assert r["ratio_dev_max"] == 0.0 and r["clipfrac"] == 0.0 and r["approx_kl"] == 0.0
+        # the training forward reproduces the log-prob stored at sampling exactly (fp32 CPU kernels do not depend
+        # on the batch): stored transitions, timesteps and embeddings are aligned after the shuffle
+        assert r["logp_replay_err"] == 0.0
         assert r["skipped"] == 0 and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
     assert m[3]["global_step"] == 3
 
@@ -566,3 +569,14 @@ def test_best_checkpoint_rule_and_directory(run_a, tmp_path):
     assert rule.qualifies(4, {"val_mrc": 0.4, "val_kl": 0.005, "val_fidelity": 0.76})
     assert not rule.qualifies(8, {"val_mrc": 0.3, "val_kl": 0.02, "val_fidelity": 0.80})  # KL too far
     assert not rule.qualifies(9, {"val_mrc": 0.2, "val_kl": 0.0, "val_fidelity": 0.74})   # lost the prompt
+
+
+def test_multi_update_ppo_compares_later_steps_with_the_sampled_log_probs():
+    # 2 optimizer steps per epoch (DDPO's multi-update PPO): the first is on-policy by construction (ratio 1), the
+    # second compares the moved policy with the stored sampling log-probs (ratio != 1, approx_kl > 0)
+    policy, samples, params, optimizer, _ = _tiny_setup()
+    plan = BatchPlan(world_size=1, samples_per_epoch=2, updates_per_epoch=2, micro_batch_size=1,
+                     num_steps=2).validate()
+    infos = _update(policy, samples, torch.tensor([1.0, -1.0]), optimizer, plan, "skip")
+    assert len(infos) == 2 and infos[0]["ratio_dev_max"] == 0.0 and infos[0]["approx_kl"] == 0.0
+    assert infos[1]["ratio_dev_max"] > 0.0 and infos[1]["approx_kl"] > 0.0
