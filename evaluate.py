@@ -32,6 +32,7 @@ from reconstruct import LGM
 from reward import MRCReward, load_lpips
 from sample import sample_fixed_noise
 from support.devices import autocast
+from support.cli import add_reward_args, add_sampling_args
 from support.images import line_plot, save_grid
 from support.prompts import load_prompts
 from support.seeding import make_generator
@@ -144,19 +145,13 @@ def main(argv=None):
     p.add_argument("--prompts", default="toy:test", help="toy:test, toy:train, or a text file (one prompt per line)")
     p.add_argument("--num-prompts", type=int, default=32, help="number of prompts (0 = all)")
     p.add_argument("--seeds", type=int, default=2, help="samples per prompt (>= 2 for diversity)")
-    p.add_argument("--num-steps", type=int, default=20, help="DDIM steps")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1 = the RL policy's sampler)")
-    p.add_argument("--lgm", default="checkpoints/toy/lgm-tiny.safetensors", help="LGM file/dir or hub id")
-    p.add_argument("--lgm-config", default="tiny", help="LGM config (tiny or big)")
-    p.add_argument("--elevation", type=float, default=15.0, help="camera elevation, MVDream convention (toy: 15)")
+    add_sampling_args(p)
+    add_reward_args(p)
     p.add_argument("--lpips-size", type=int, default=0, help="MRC crop size for LPIPS (0 = view resolution)")
     p.add_argument("--levels", type=int, default=4, help="robustness: distortion levels after 0")
     p.add_argument("--batch-size", type=int, default=16, help="objects per sampling / reward batch")
-    p.add_argument("--seed", type=int, default=0, help="base seed of the fixed noise")
     p.add_argument("--orbit", type=int, default=0, help="write orbit/NN_<prompt>.ply and .gif for the first N prompts")
     p.add_argument("--orbit-size", type=int, default=ORBIT_SIZE, help="orbit GIF frame size in pixels")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.robustness:

@@ -25,6 +25,7 @@ from mvdream import MVDreamPolicy
 from reconstruct import LGM, orbit_camera, render_gaussians
 from reward import MRCReward, load_lpips
 from sample import sample_fixed_noise
+from support.cli import add_reward_args, add_sampling_args
 from support.ply import write_ply
 
 ORBIT_STEPS = 36  # frames per ring, one every 10 degrees of azimuth
@@ -181,14 +182,8 @@ def main(argv=None):
                    help="gt or CHECKPOINT[+LORA], optionally NAME=...; one strip row each")
     p.add_argument("--out", default="outputs/view3d/orbit_strip.png", help="the PNG; .ply and .gif go next to it")
     p.add_argument("--size", type=int, default=ORBIT_SIZE, help="orbit frame (and strip tile) size in pixels")
-    p.add_argument("--num-steps", type=int, default=20, help="DDIM steps (evaluate.py's default)")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1 = the RL policy's sampler)")
-    p.add_argument("--seed", type=int, default=0, help="base seed of the fixed noise (as evaluate.py)")
-    p.add_argument("--lgm", default="checkpoints/toy/lgm-tiny.safetensors", help="LGM file/dir or hub id")
-    p.add_argument("--lgm-config", default="tiny", help="LGM config (tiny or big)")
-    p.add_argument("--elevation", type=float, default=15.0, help="camera elevation, MVDream convention (toy: 15)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_sampling_args(p)  # evaluate.py's, so a row samples what evaluate.py scores
+    add_reward_args(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     rows = [parse_row(spec) for spec in args.rows]  # a typo fails before any work

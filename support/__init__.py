@@ -14,4 +14,5 @@
   images.py           captioned sample grids and line charts
   ply.py              3D Gaussian splatting .ply files (Inria's layout) for view3d.py
   flops.py            FLOP counting, measured peak, MFU
+  cli.py              command-line options shared by evaluate.py and view3d.py
 """

@@ -1,0 +1,211 @@
+# bench/epoch.py: one training epoch of train.py, stage by stage, eager and compiled side by side.
+#
+#   python bench/epoch.py --device cuda            # paper setup (config.yaml), random weights, Carve3D's per-GPU
+#                                                  # load: 16 samples, 50 DDIM steps, CFG, KL, micro-batch 4
+#   python bench/epoch.py --device cpu --toy       # toy setup (toy.yaml, random tiny models): a quick check
+#   options: --samples N --micro M --steps S --modes eager,compiled --fp32-check --orbit
+#
+# Per stage (sampling with the policy alone, the reference pass, VAE decode, LGM, render, crop + LPIPS, the PPO
+# update): seconds per sample, share of the epoch and peak GPU memory. Then the whole epoch as train.py runs it
+# (rollout with the reference, reward, advantages, update) with its MFU: FLOPs counted by FlopCounterMode
+# (support/flops.py) over the measured bf16 matmul peak. Also the first update's on-policy figures (clipfrac,
+# max |ratio - 1|, the replay error of the stored log-probs), and with --fp32-check the log-prob error of the
+# bf16 policy against an fp32 copy on the same transitions. --orbit times view3d's 72-frame orbit of one
+# reconstruction (LGM big: 65,536 Gaussians). Random weights: the cost does not depend on the values, except
+# the renderer's, so the LGM head's scale bias is set as bench/reward.py does (small, trained-like Gaussians).
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo's modules, not this folder's
+
+import torch  # noqa: E402
+
+import reconstruct  # noqa: E402
+import toy  # noqa: E402
+import train  # noqa: E402
+import view3d  # noqa: E402
+from mvdream import MVDreamPolicy  # noqa: E402
+from ppo import ppo_update, summarize  # noqa: E402
+from reward import mrc  # noqa: E402
+from sample import ddim_step_with_logprob, sample_trajectories  # noqa: E402
+from support import devices  # noqa: E402
+from support.config import batch_plan  # noqa: E402
+from support.flops import Throughput  # noqa: E402
+from support.prompts import load_prompts  # noqa: E402
+from support.seeding import make_generator  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Stages:
+    # wall time (synchronised) and peak GPU memory of named stages
+    def __init__(self, device):
+        self.device, self.t, self.mem = device, {}, {}
+
+    def __call__(self, name, fn):
+        devices.sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        out = fn()
+        devices.sync(self.device)
+        self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
+        if self.device.type == "cuda":
+            self.mem[name] = max(self.mem.get(name, 0.0), torch.cuda.max_memory_allocated(self.device) / 2 ** 30)
+        return out
+
+
+def config(args, compiled):
+    over = [f"samples_per_epoch={args.samples}", f"micro_batch_size={args.micro}", f"num_steps={args.steps}",
+            "random_init=true", f"device={args.device}", f"compile={str(compiled).lower()}", "num_train_prompts=4",
+            "stat_min_count=1", "stat_buffer_size=8", "log_images=0"]
+    return train.load_config(str(ROOT / ("toy.yaml" if args.toy else "config.yaml")), over)
+
+
+def rollout_stages(cfg, policy, reward_fn, prompts, autocast, st):
+    # the rollout split into its stages; returns the samples train.rollout would return
+    M, batches = cfg.micro_batch_size, []
+    for i in range(0, len(prompts), M):
+        gens = [make_generator("cpu", cfg.seed, "bench", i + j) for j in range(len(prompts[i:i + M]))]
+        kw = dict(num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta)
+        with torch.no_grad(), autocast():
+            st("sampling (policy)", lambda: sample_trajectories(policy, prompts[i:i + M], generator=gens, **kw))
+            gens = [make_generator("cpu", cfg.seed, "bench", i + j) for j in range(len(gens))]
+            traj = st("sampling + reference", lambda: sample_trajectories(policy, prompts[i:i + M], generator=gens,
+                                                                         with_reference=True, **kw))
+            st("decode", lambda: policy.decode(traj["next_latents"][:, -1]))
+        views = reward_fn._prepare(traj["views"])
+        gaussians = st("LGM", lambda: torch.no_grad()(reward_fn._lgm)(views))
+        c2w = reward_fn.cameras.to(views.device)
+        renders = st("render", lambda: reconstruct.render_gaussians(gaussians.float(), c2w, reward_fn.lgm.config.fovy,
+                                                                     *views.shape[-2:])["image"][:, reward_fn.to_mvdream])
+        value = st("crop + LPIPS", lambda: mrc(views, renders, reward_fn.lpips_model, per_view=True).mean(1))
+        batch = {k: traj[k] for k in train.TRAIN_KEYS}
+        batch.update(views=traj["views"], reward=-value.float(), mrc=value.float())
+        batches.append(batch)
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+def one_mode(args, compiled):
+    cfg = config(args, compiled)
+    device = torch.device(args.device)
+    plan = batch_plan(cfg, 1, cfg.num_train_prompts).validate()
+    policy, reward_fn = train.build_models(cfg, device)
+    with torch.no_grad():
+        reward_fn.lgm.conv.bias[4:7] = -2.0  # small Gaussians, as a trained LGM emits (see the header)
+    autocast = lambda: devices.autocast(device, cfg.mixed_precision == "bf16")  # noqa: E731
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    throughput = Throughput(policy, reward_fn, device, cfg, plan, 1)
+    prompts = [f"prompt {i}" for i in range(plan.samples_per_epoch)] if not args.toy else \
+        load_prompts("toy:train", plan.samples_per_epoch)
+
+    def epoch(c, st):
+        samples = rollout_stages(c, policy, reward_fn, prompts, autocast, st)
+        samples["sampling_state"] = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        adv = torch.randn(len(prompts), generator=torch.Generator().manual_seed(0))
+        upd = dataclasses.replace(plan, num_steps=c.num_steps)
+        infos = st("update", lambda: ppo_update(policy, policy, {k: samples[k] for k in train.TRAIN_KEYS}, adv,
+                                                optimizer, upd, eta=c.eta, guidance_scale=c.guidance_scale,
+                                                train_cfg=True, clip_range=c.clip_range, adv_clip_max=5.0,
+                                                max_grad_norm=1.0, generator=torch.Generator().manual_seed(0),
+                                                autocast=autocast, params=params))
+        return samples, summarize(infos)
+
+    t0 = time.perf_counter()  # warm-up: compile (and cuDNN/cuBLAS autotuning) on a 2-step epoch
+    epoch(dataclasses.replace(cfg, num_steps=2), Stages(device))
+    warmup = time.perf_counter() - t0
+    st = Stages(device)
+    samples, info = epoch(cfg, st)
+    st.t["reference"] = st.t.pop("sampling + reference") - st.t["sampling (policy)"]
+    st.t["sampling (policy)"] -= st.t["decode"]  # sample_trajectories decodes at its end
+    whole = st.t["sampling (policy)"] + st.t["reference"] + st.t["decode"] + st.t["LGM"] + st.t["render"] + \
+        st.t["crop + LPIPS"] + st.t["update"]
+    mfu = throughput.epoch_flops(1) / whole / throughput.peak
+    out = {"mode": "compiled" if compiled else "eager", "warmup_s": warmup, "stages": st.t, "mem": st.mem,
+           "epoch_s": whole, "mfu": mfu, "samples_per_s": len(prompts) / whole, "on_policy": info,
+           "peak_tflops": throughput.peak / 1e12}
+    if args.fp32_check:
+        out["fp32"] = fp32_logprob_error(cfg, policy, samples, device)
+    if args.orbit:
+        out["orbit"] = orbit_cost(reward_fn, samples["views"][:1], cfg.elevation, device)
+    del policy, reward_fn
+    return out
+
+
+def fp32_logprob_error(cfg, policy, samples, device):
+    # the bf16 policy's sampled log-probs against an fp32 copy (same weights, no autocast) on the same transitions
+    ref = MVDreamPolicy.random_init("sd21-4view", seed=cfg.seed, elevation=cfg.elevation, device=device) \
+        if cfg.world == "paper" else MVDreamPolicy.tiny(toy.VOCAB, seed=cfg.seed, elevation=cfg.elevation)
+    ref.to(device).add_lora(cfg.lora_rank, cfg.lora_alpha)
+    ref.load_state_dict({k: v.float() for k, v in samples["sampling_state"].items()}, strict=True)
+    n = min(cfg.micro_batch_size, len(samples["latents"]))
+    ref.scheduler.set_timesteps(cfg.num_steps, device=device)
+    err = []
+    with torch.no_grad():
+        for j in range(cfg.num_steps):
+            eps = ref(samples["latents"][:n, j], samples["timesteps"][:n, j], samples["prompt_embeds"][:n].float(),
+                      cfg.guidance_scale)
+            lp = ddim_step_with_logprob(ref.scheduler, eps, samples["timesteps"][:n, j], samples["latents"][:n, j],
+                                        cfg.eta, prev_sample=samples["next_latents"][:n, j])[1]
+            err.append((lp - samples["log_probs"][:n, j]).abs())
+    err = torch.stack(err)
+    return {"max_abs": err.max().item(), "mean_abs": err.mean().item(),
+            "max_ratio_dev": (torch.exp(err) - 1).max().item()}
+
+
+def orbit_cost(reward_fn, views, elevation, device):
+    gaussians = reward_fn.reconstruct(views)
+    devices.sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    frames = view3d.render_orbit(gaussians[0], elevation, size=views.shape[-1], fovy=reward_fn.lgm.config.fovy)
+    devices.sync(device)
+    mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+    return {"frames": len(frames), "gaussians": gaussians.shape[1], "seconds": time.perf_counter() - t0,
+            "peak_gib": mem}
+
+
+def report(results, args):
+    names = ["sampling (policy)", "reference", "decode", "LGM", "render", "crop + LPIPS", "update"]
+    n = args.samples
+    print(f"\none epoch: {n} samples, {args.steps} DDIM steps, CFG, KL, micro-batch {args.micro}; "
+          f"measured matmul peak {results[0]['peak_tflops']:.2f} TFLOP/s")
+    print("| stage | " + " | ".join(f"{r['mode']} s/sample | share | peak GiB" for r in results) + " |")
+    print("| --- |" + " --- | --- | --- |" * len(results))
+    for s in names:
+        row = [f"{r['stages'][s] / n:.3f} | {r['stages'][s] / r['epoch_s']:.0%} | {r['mem'].get(s, float('nan')):.1f}"
+               for r in results]
+        print(f"| {s} | " + " | ".join(row) + " |")
+    for r in results:
+        o = r["on_policy"]
+        print(f"{r['mode']}: epoch {r['epoch_s']:.1f} s ({r['samples_per_s']:.2f} samples/s), MFU {r['mfu']:.1%}, "
+              f"warm-up {r['warmup_s']:.0f} s; first update clipfrac {o['clipfrac']:.3g}, max |ratio-1| "
+              f"{o['ratio_dev_max']:.3g}, stored log-prob replay error {o['logp_replay_err']:.3g}")
+        if "fp32" in r:
+            print(f"  bf16 vs fp32 log-probs on the same transitions: {r['fp32']}")
+        if "orbit" in r:
+            print(f"  orbit: {r['orbit']}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--toy", action="store_true", help="toy.yaml's tiny models instead of the paper setup")
+    p.add_argument("--samples", type=int, default=16, help="samples in the epoch (Carve3D: 16 per GPU)")
+    p.add_argument("--micro", type=int, default=4, help="micro_batch_size")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--modes", default="eager,compiled", help="eager and/or compiled (compiled needs CUDA)")
+    p.add_argument("--fp32-check", action="store_true", help="log-prob error of bf16 against an fp32 copy")
+    p.add_argument("--orbit", action="store_true", help="also time view3d's 72-frame orbit of one object")
+    args = p.parse_args()
+    results = [one_mode(args, mode == "compiled") for mode in args.modes.split(",")]
+    report(results, args)
+
+
+if __name__ == "__main__":
+    main()
