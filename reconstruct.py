@@ -11,9 +11,11 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from support import lgm_weights
 from support.rasterizer import render_gaussians
@@ -367,9 +369,6 @@ class LGM(nn.Module):
 # ------------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    import numpy as np
-    from PIL import Image
-
     gen = torch.Generator().manual_seed(0)
     n = 3000
     xyz = (torch.rand(n, 3, generator=gen) - 0.5) * 0.8

@@ -16,9 +16,11 @@
 # diffusers runs 30 (958, ..., 1), so LGM's app (30 steps through the diffusers port) and the original scripts
 # differ. We use S = 50 for the paper setup and S = 20 for the toy world.
 import math
+import time
 
 import torch
 
+from mvdream import MVDreamPolicy
 from support.devices import autocast
 from support.seeding import make_generator
 
@@ -147,10 +149,6 @@ def sample_fixed_noise(policy, prompts, num_samples, *, seed, num_steps, guidanc
 
 if __name__ == "__main__":
     # Demo: toy-size trajectory; shows the per-step log-probs and the reference gap at init (0 with LoRA up = 0).
-    import time
-
-    from mvdream import MVDreamPolicy
-
     policy = MVDreamPolicy.tiny(["a", "red", "blue", "green", "cube", "ball"], seed=0)
     policy.add_lora(4, 4)
     t0 = time.perf_counter()

@@ -113,10 +113,7 @@ def train_vae(args, device):
         # LDM weighs the KL 1e-6 against the per-image SUM of the reconstruction error; ours is a mean
         kl = posterior.kl().float().mean() / x[0].numel()
         loss = l1 + args.lambda_lpips * lp + args.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        _optimize(opt, loss, vae.parameters())
         if step % 100 == 0:
             log.append({"step": step, "l1": l1.item(), "lpips": lp.item(), "time": time.time() - t0})
         if step % args.sample_every == 0 or step == args.steps:
@@ -176,10 +173,7 @@ def train_mvdream(args, device):
             group["lr"] = lr_at(args, step)
         with autocast(device):
             loss = loss_fn(policy, latents[idx], torch.where(drop, empty, ids[idx]), t, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimize(opt, loss, params)
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - min(args.ema, (1 + step) / (10 + step)))
         if step % 100 == 0:
@@ -208,6 +202,13 @@ def _sample_grid(ema, args, step, device):
     traj = sample_trajectories(ema, prompts, num_steps=20, guidance_scale=5.0, eta=1.0,
                                generator=make_generator(device, args.seed, "grid"))
     save_grid(os.path.join(args.log_dir, f"mvdream_step{step:06d}.png"), traj["views"], prompts)
+
+
+def _optimize(opt, loss, params):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
 
 
 def lr_at(args, step):
@@ -261,10 +262,7 @@ def train_lgm(args, device):
         mse = F.mse_loss(pred, target)
         lp = lpips_model(pred.flatten(0, 1), target.flatten(0, 1), normalize=True).mean()
         loss = mse + args.lambda_lpips * lp
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lgm.parameters(), 1.0)
-        opt.step()
+        _optimize(opt, loss, lgm.parameters())
         if step % 100 == 0:
             log.append({"step": step, "mse": mse.item(), "lpips": lp.item(), "time": time.time() - t0})
         if step % args.sample_every == 0 or step == args.steps:

@@ -13,12 +13,14 @@
 # inconsistency, Carve3D Sec. 3).
 import itertools
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torchvision.transforms.functional as TF
+from PIL import Image, ImageDraw
 
 import reconstruct
 from support.seeding import make_generator
@@ -528,10 +530,6 @@ def distort_view(view: torch.Tensor, kind: str, level: float, generator: torch.G
 # Demo: python toy.py -> outputs/toy_demo.png (4 MVDream views per row, prompt above each row)
 # ---------------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
-    import os
-
-    from PIL import Image, ImageDraw
-
     train, test = train_prompts(), test_prompts()
     print(f"vocab {len(VOCAB)} words; train {len(train)} prompts, test {len(test)} prompts")
     pick = [train[0], train[len(train) // 3], train[2 * len(train) // 3], train[-1],
