@@ -137,8 +137,6 @@ def build_models(cfg, device):
     policy.to(device, frozen).add_lora(cfg.lora_rank, cfg.lora_alpha)
     policy.eval()  # eval throughout: no dropout, so sampling and training forwards agree
     lgm.to(device, frozen).eval().requires_grad_(False)
-    if cfg.compile and device.type == "cuda":
-        policy.unet.compile(dynamic=False)  # sampling and training share the micro-batch: few recompiles
     reward_fn = MRCReward(lgm, load_lpips("alex").to(device), elevation=cfg.elevation,
                           lpips_size=cfg.lpips_size or None, recenter=cfg.lgm_recenter)
     return policy, reward_fn
@@ -245,7 +243,9 @@ def main(argv):
                                                     {"global_step": 0, "skipped_updates": 0}, rank)
     best = checkpoint.BestCheckpoint(cfg, counters)
     logger = Logger(cfg, rank, start_epoch)
-    throughput = Throughput(policy, reward_fn, device, cfg, plan, world)
+    throughput = Throughput(policy, reward_fn, device, cfg, plan, world)  # counts FLOPs on the eager UNet
+    if cfg.compile and device.type == "cuda":
+        policy.unet.compile(dynamic=False)  # sampling and training share the micro-batch: few recompiles
     if rank == 0:
         save_resolved(cfg, cfg.run_dir)
         print(plan.describe())

@@ -100,6 +100,8 @@ def one_mode(args, compiled):
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
     throughput = Throughput(policy, reward_fn, device, cfg, plan, 1)
+    if compiled:
+        policy.unet.compile(dynamic=False)  # as train.main does, after counting FLOPs on the eager UNet
     prompts = [f"prompt {i}" for i in range(plan.samples_per_epoch)] if not args.toy else \
         load_prompts("toy:train", plan.samples_per_epoch)
 
