@@ -18,7 +18,7 @@ distribution (Carve3D Sec. 1, Fig. 4). We reproduce that setting in the toy worl
 
 Commands that reproduce the shipped checkpoints (seed 0, defaults otherwise; the records next to them hold
 the arguments, device and wall time of the run that made them):
-    python sft.py vae --steps 4000 --out checkpoints/toy/vae-tiny
+    python sft.py vae --steps 2000 --bank 8192 --out checkpoints/toy/vae-tiny        # shipped (80 s on one H200)
     python sft.py mvdream --vae checkpoints/toy/vae-tiny --steps 10000 --compile \
         --snapshot 2000:checkpoints/toy/sft-base --out checkpoints/toy/sft-long
     python sft.py lgm --steps 3000 --out checkpoints/toy/lgm-tiny.safetensors
