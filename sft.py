@@ -16,13 +16,14 @@ distribution (Carve3D Sec. 1, Fig. 4). We reproduce that setting in the toy worl
   * LGM: 4 input views -> Gaussians -> renders of the inputs and of extra views vs ground truth,
     MSE + LPIPS, as LGM trains (3DTopia/LGM core/options.py: num_views 8, 4 of them inputs, lambda_lpips 1).
 
-Commands that reproduce the shipped checkpoints (seed 0, defaults otherwise; the records next to them hold
-the arguments, device and wall time of the run that made them):
+Commands (seed 0, defaults otherwise; the record next to each checkpoint holds the arguments, device and wall
+time of the run that made it):
     python sft.py vae --steps 2000 --bank 8192 --out checkpoints/toy/vae-tiny        # shipped (80 s on one H200)
-    python sft.py mvdream --vae checkpoints/toy/vae-tiny --steps 10000 --compile \
-        --snapshot 2000:checkpoints/toy/sft-base --out checkpoints/toy/sft-long
-    python sft.py lgm --steps 3000 --out checkpoints/toy/lgm-tiny.safetensors
+    python sft.py lgm --steps 3000 --out checkpoints/toy/lgm-tiny.safetensors        # shipped (15 min on one H200)
+    python sft.py mvdream --vae checkpoints/toy/vae-tiny --bank 6144 --steps 5000 --compile \
+        --snapshot 1000:checkpoints/toy/sft-base --out checkpoints/toy/sft-long      # ~16 steps/s on one H200
 sft-base is the RL starting point; sft-long is the same run continued 5x longer (the "longer SFT" baseline).
+The sft-base and sft-long shipped today are still the first version's pixel-space models (README, "Status").
 A quick CPU smoke run: python sft.py vae --steps 20 --bank 64 --batch-size 8 --out outputs/vae-smoke, then
     python sft.py mvdream --vae outputs/vae-smoke --steps 20 --bank 64 --batch-size 8 --out outputs/sft-smoke
 """
