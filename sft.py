@@ -19,7 +19,7 @@ distribution (Carve3D Sec. 1, Fig. 4). We reproduce that setting in the toy worl
 Commands (seed 0, defaults otherwise; the record next to each checkpoint holds the arguments, device and wall
 time of the run that made it):
     python sft.py vae --steps 2000 --bank 8192 --out checkpoints/toy/vae-tiny        # shipped (80 s on one H200)
-    python sft.py lgm --steps 3000 --out checkpoints/toy/lgm-tiny.safetensors        # shipped (15 min on one H200)
+    python sft.py lgm --steps 3000 --out checkpoints/toy/lgm-tiny.safetensors        # shipped one: first version
     python sft.py mvdream --vae checkpoints/toy/vae-tiny --bank 6144 --steps 5000 --compile \
         --snapshot 1000:checkpoints/toy/sft-base --out checkpoints/toy/sft-long      # ~16 steps/s on one H200
 sft-base is the RL starting point; sft-long is the same run continued 5x longer (the "longer SFT" baseline).
