@@ -159,12 +159,11 @@ def _optimizer_step(model, policy, group, n_time, optimizer, params, max_grad_no
             "ppo_update: non-finite loss or gradient norm; stopping (config nonfinite: stop). "
             "Set nonfinite: skip to skip such updates, or lower learning_rate / use bf16 instead of fp16.")
     # logged values are means over every rank's samples (as ddpo-pytorch logs them), maxima for the MAXED ones
-    maxed = MAXED
-    keys = [k for k in stats[0] if k not in maxed]
+    keys = [k for k in stats[0] if k not in MAXED]
     means = mean_over_ranks(torch.stack([torch.stack([s[k] for s in stats]).float().mean() for k in keys]))
     info = dict(zip(keys, means.tolist()))
-    maxima = max_over_ranks(torch.stack([torch.stack([s[k] for s in stats]).float().max() for k in maxed]))
-    info.update(zip(maxed, maxima.tolist()))
+    maxima = max_over_ranks(torch.stack([torch.stack([s[k] for s in stats]).float().max() for k in MAXED]))
+    info.update(zip(MAXED, maxima.tolist()))
     info.update(grad_norm=float(grad_norm), skipped=0 if ok else 1)
     return info
 

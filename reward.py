@@ -131,7 +131,7 @@ class MRCReward:
     # the inconsistencies in object size and placement between views that the reward is meant to penalise.
     def __init__(self, lgm, lpips_model, elevation=0.0, lpips_size=None, recenter=False):
         self.lgm = lgm
-        self.lpips_model = lpips_model
+        self.lpips_model = lpips_model.float()  # the distance is computed in fp32 (see __call__)
         self.elevation = float(elevation)  # MVDream convention: positive = camera above
         self.lpips_size = lpips_size
         self.recenter = recenter
@@ -173,7 +173,7 @@ class MRCReward:
 
         # crop, resize and LPIPS in fp32, whatever autocast the caller runs under (the distance is the reward)
         with torch.autocast(views.device.type, enabled=False):
-            per_view = mrc(views, renders, self.lpips_model.float(), size=self.lpips_size, per_view=True)
+            per_view = mrc(views, renders, self.lpips_model, size=self.lpips_size, per_view=True)
         value = per_view.mean(dim=1)
         return {"reward": -value, "mrc": value, "mrc_per_view": per_view, "renders": renders}
 

@@ -18,7 +18,6 @@ A restarted run (same run_dir, resume: auto) continues from its newest complete 
 """
 
 import sys
-import time
 from dataclasses import dataclass
 from functools import partial
 
