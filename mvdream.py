@@ -34,9 +34,8 @@ from support.mvdream_weights import SD21_TEXT_CONFIG, SD21_VAE_CONFIG, HashToken
 # "tiny": the toy world's model, a latent diffusion model like the real one: it denoises the 4x16x16 latents
 # of the toy VAE (TINY_VAE_CONFIG) at 16, 8 and 4 px, with multi-view + text attention at 8x8 and 4x4 (4 views
 # x 64 tokens at 8x8 are cheap), head dim 16; 2.7 M parameters. Sized for a hard CPU budget: one CFG forward
-# for 8 prompts x 4 views (batch 64) is 14 GFLOP. bench/sample.py times the policy.
-# "tiny-pixel": the previous toy model, in pixel space (a 64x64x3 image pixel-unshuffled to 12x32x32); it
-# left coloured noise in its samples' backgrounds, which is why the toy world moved to latents.
+# for 8 prompts x 4 views (batch 64) is 14 GFLOP. bench/sample.py times the policy. (An earlier pixel-space
+# toy model left coloured noise in its samples' backgrounds: why the toy world is latent, as MVDream is.)
 UNET_CONFIGS = {
     "sd21-4view": dict(
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
@@ -53,15 +52,6 @@ UNET_CONFIGS = {
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=(2, 4, 6), use_linear_projection=True,
-        flip_sin_to_cos=True, freq_shift=0, norm_num_groups=8, norm_eps=1e-5, act_fn="silu",
-        class_embed_type="projection", projection_class_embeddings_input_dim=16,
-    ),
-    "tiny-pixel": dict(
-        sample_size=32, in_channels=12, out_channels=12, layers_per_block=1,
-        block_out_channels=(16, 16, 48, 64),
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=(1, 1, 3, 4), use_linear_projection=True,
         flip_sin_to_cos=True, freq_shift=0, norm_num_groups=8, norm_eps=1e-5, act_fn="silu",
         class_embed_type="projection", projection_class_embeddings_input_dim=16,
     ),
@@ -189,19 +179,14 @@ class MVDreamPolicy(nn.Module):
     LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
     LORA_FILE = weights.LORA_FILE  # diffusers' name, so load_lora_weights(dir) finds it
 
-    def __init__(self, unet, text_encoder, tokenizer, vae=None, *, image_size, elevation, config=None):
+    def __init__(self, unet, text_encoder, tokenizer, vae, *, image_size, elevation, config=None):
         super().__init__()
         self.unet, self.text_encoder, self.vae, self.tokenizer = unet, text_encoder, vae, tokenizer
         self.requires_grad_(False)
         self.scheduler = make_scheduler()
         self.image_size, self.elevation, self.config = image_size, float(elevation), config
-        if vae is None:  # pixel space (toy): space-to-depth by 2
-            if unet.config.in_channels != 12:
-                raise ValueError("MVDreamPolicy: without a VAE the UNet must take 12 = 3*2*2 pixel-unshuffled channels")
-            self.latent_shape = (12, image_size // 2, image_size // 2)
-        else:
-            factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SD's VAE, 4 for the toy's
-            self.latent_shape = (vae.config.latent_channels, image_size // factor, image_size // factor)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SD's VAE, 4 for the toy's
+        self.latent_shape = (vae.config.latent_channels, image_size // factor, image_size // factor)
         self.register_buffer("cameras", get_camera(self.num_views, elevation).to(unet.conv_in.weight.device),
                              persistent=False)
         self.register_buffer("negative_embeds", self.encode_prompts([""]), persistent=False)  # "" uncond (MVDream scripts/t2i.py)
@@ -256,11 +241,8 @@ class MVDreamPolicy(nn.Module):
     def decode(self, latents, chunk=16):
         B, V = latents.shape[:2]
         z = latents.reshape(B * V, *self.latent_shape)
-        if self.vae is None:
-            x = F.pixel_shuffle(z.float(), 2)
-        else:  # chunks bound the VAE decoder's activation memory at 256 px
-            sf = self.vae.config.scaling_factor
-            x = torch.cat([self.vae.decode(c.to(self.vae.dtype) / sf).sample.float() for c in z.split(chunk)])
+        sf = self.vae.config.scaling_factor  # chunks bound the VAE decoder's activation memory at 256 px
+        x = torch.cat([self.vae.decode(c.to(self.vae.dtype) / sf).sample.float() for c in z.split(chunk)])
         return (x / 2 + 0.5).clamp(0, 1).reshape(B, V, 3, self.image_size, self.image_size)
 
     @torch.no_grad()
@@ -268,11 +250,8 @@ class MVDreamPolicy(nn.Module):
         # images (B, V, 3, H, W) in [0, 1] -> latents (B, V, C, h, w); VAE: posterior mean (for SFT data)
         B, V = images.shape[:2]
         x = images.reshape(B * V, *images.shape[2:]) * 2 - 1
-        if self.vae is None:
-            z = F.pixel_unshuffle(x.float(), 2)
-        else:
-            sf = self.vae.config.scaling_factor
-            z = torch.cat([self.vae.encode(c.to(self.vae.dtype)).latent_dist.mean.float() * sf for c in x.split(chunk)])
+        sf = self.vae.config.scaling_factor
+        z = torch.cat([self.vae.encode(c.to(self.vae.dtype)).latent_dist.mean.float() * sf for c in x.split(chunk)])
         return z.reshape(B, V, *self.latent_shape)
 
     # --- LoRA (peft) ---------------------------------------------------------------------------------
@@ -337,6 +316,9 @@ class MVDreamPolicy(nn.Module):
     def from_config(cls, config, *, seed=0, device="cpu", dtype=torch.float32):
         # Random weights from a json-able policy config (tiny, random_init, and our own saved checkpoints).
         # Seeded in a forked RNG: construction does not disturb the caller's global RNG state.
+        if not config.get("vae"):
+            raise ValueError("from_config: the policy config has no 'vae' entry (a pixel-space toy checkpoint of an "
+                             "earlier version?); retrain it with `sft.py vae` then `sft.py mvdream`")
         tok = config["tokenizer"]
         if tok["type"] == "word":
             tokenizer = WordTokenizer(tok["vocab"], tok["max_length"])
@@ -349,9 +331,9 @@ class MVDreamPolicy(nn.Module):
             torch.manual_seed(seed)
             unet = mvdream_unet(config["unet"])
             text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
-            vae = AutoencoderKL(**config["vae"]) if config.get("vae") else None
+            vae = AutoencoderKL(**config["vae"])
         if dtype != torch.float32:  # (a no-op cast still makes diffusers warn about fp32 modules)
-            unet, text_encoder, vae = (m.to(dtype) if m is not None else None for m in (unet, text_encoder, vae))
+            unet, text_encoder, vae = (m.to(dtype) for m in (unet, text_encoder, vae))
         policy = cls(unet, text_encoder, tokenizer, vae,
                      image_size=config["image_size"], elevation=config["elevation"], config=config)
         return policy.eval()
