@@ -78,3 +78,54 @@ class Logger:
         if self.active:
             self.jsonl.close()
             self.tb.close()
+
+
+def read_metrics(run_dir):
+    # metrics.jsonl of a run -> list of per-epoch dicts (a line cut short by a crash is skipped)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run_dir!r} a train.py run_dir?)")
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def plot_validation(run_dirs, out, keys=("val_mrc", "val_fidelity", "val_kl")):
+    # One panel per key (validation epochs on x), one line per run: the README's RL curves, so that a lower MRC
+    # bought with fidelity or KL is visible next to it.
+    from support.images import line_plot
+    panels = []
+    for key in keys:
+        epochs, series = None, {}
+        for run in run_dirs:
+            rows = [r for r in read_metrics(run) if key in r]
+            if not rows:
+                raise KeyError(f"{run}/metrics.jsonl has no {key!r} (val_fidelity: toy world only)")
+            epochs = epochs or [r["epoch"] for r in rows]
+            series[os.path.basename(os.path.normpath(run))] = [r[key] for r in rows][:len(epochs)]
+        tmp = f"{out}.{key}.png"
+        line_plot(tmp, epochs, series, "epoch", key, size=(420, 300))
+        panels.append(Image.open(tmp).copy())
+        os.remove(tmp)
+    canvas = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
+    for i, p in enumerate(panels):
+        canvas.paste(p, (sum(q.width for q in panels[:i]), 0))
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    canvas.save(out)
+    return out
+
+
+if __name__ == "__main__":
+    # python -m support.run_log runs/toy [runs/nokl ...] --out docs/toy_rl_curve.png
+    import argparse
+    p = argparse.ArgumentParser(description="plot val MRC, fidelity and KL of train.py runs")
+    p.add_argument("runs", nargs="+", help="run_dir(s) with a metrics.jsonl")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--keys", default="val_mrc,val_fidelity,val_kl", help="comma-separated metrics, one panel each")
+    a = p.parse_args()
+    print(plot_validation(a.runs, a.out, a.keys.split(",")))

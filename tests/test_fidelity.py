@@ -65,13 +65,13 @@ def test_score_of_a_sample_does_not_depend_on_its_batch(gt):
 
 
 def test_saved_ground_truth_grid_scores_high():
-    # docs/grid_gt.png: evaluate.py --ground-truth's grid (first sample of the first 8 of 32 test prompts, 8-bit
-    # PNG, rows of 4 views under a 12-px caption); measured 0.999
+    # docs/grid_gt.png: evaluate.py --ground-truth --num-prompts 64's grid (first sample of the first 8 of 64 test
+    # prompts, 8-bit PNG, rows of 4 views under a 12-px caption)
     grid = torch.from_numpy(np.asarray(Image.open(ROOT / "docs" / "grid_gt.png").convert("RGB")).copy())
     grid = grid.permute(2, 0, 1).float() / 255
     rows = [grid[:, r * 76 + 12:(r + 1) * 76] for r in range(8)]
     views = torch.stack([torch.stack([row[:, :, j * 64:(j + 1) * 64] for j in range(4)]) for row in rows])
-    assert fidelity.fidelity(views, load_prompts("toy:test", 32)[:8]).mean() > 0.95
+    assert fidelity.fidelity(views, load_prompts("toy:test", 64)[:8]).mean() > 0.95
 
 
 def test_geometry_does_not_depend_on_the_colours():
@@ -85,7 +85,7 @@ def test_geometry_does_not_depend_on_the_colours():
 # ------------------------------------------------------------------------------------------------ corruptions
 
 def _noise(views):
-    # the models' artefact (docs/grid_sft-base.png): pale random colours on ~60% of the background pixels
+    # the first (pixel-space) toy models' artefact: pale random colours on ~60% of the background pixels
     g = torch.Generator().manual_seed(0)
     white = views.amin(2, keepdim=True) > 0.999
     pastel = 1 - 0.5 * torch.rand(views.shape, generator=g)

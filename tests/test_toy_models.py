@@ -94,6 +94,20 @@ def test_shipped_mvdream_checkpoints_load_strictly_and_sample_at_documented_shap
         assert traj["latents"].shape == (1, 2, 4, 4, 16, 16)
 
 
+def test_shipped_rl_lora_loads_onto_sft_base_and_changes_its_samples():
+    folder = CKPT / "rl-cpu"
+    policy = MVDreamPolicy.from_pretrained(str(SFT_BASE))
+    policy.load_lora(folder / MVDreamPolicy.LORA_FILE)               # strict: every key placed, none missing
+    on_disk = load_file(folder / MVDreamPolicy.LORA_FILE)
+    assert len(on_disk) == len(policy.lora_state_dict()) and any(v.abs().max() > 0 for v in on_disk.values())
+    best = json.loads((folder / "best.json").read_text())
+    assert best["epoch"] > 0 and best["metrics"]["val_fidelity"] >= 0.734 - 0.05  # the rule's choice
+    traj = sample_trajectories(policy, ["a red cube"], num_steps=3, guidance_scale=5.0, generator=gen(0))
+    with policy.disable_adapters():
+        base = sample_trajectories(policy, ["a red cube"], num_steps=3, guidance_scale=5.0, generator=gen(0))
+    assert not torch.equal(traj["views"], base["views"])
+
+
 def test_shipped_lgm_loads_strictly_and_reconstructs_4096_gaussians(shipped_lgm):
     cfg = shipped_lgm.config
     assert (cfg.name, cfg.input_size, cfg.splat_size) == ("tiny", 64, 32)

@@ -580,3 +580,16 @@ def test_multi_update_ppo_compares_later_steps_with_the_sampled_log_probs():
     infos = _update(policy, samples, torch.tensor([1.0, -1.0]), optimizer, plan, "skip")
     assert len(infos) == 2 and infos[0]["ratio_dev_max"] == 0.0 and infos[0]["approx_kl"] == 0.0
     assert infos[1]["ratio_dev_max"] > 0.0 and infos[1]["approx_kl"] > 0.0
+
+
+def test_validation_curve_plots_one_panel_per_metric_from_metrics_jsonl(run_a, tmp_path):
+    from PIL import Image
+
+    from support.run_log import plot_validation
+    dir_a, _ = run_a
+    out = plot_validation([dir_a, dir_a], str(tmp_path / "curve.png"))
+    assert Image.open(out).size == (3 * 420, 300)  # val_mrc, val_fidelity, val_kl panels side by side
+    with pytest.raises(KeyError, match="no 'val_nothing'"):
+        plot_validation([dir_a], str(tmp_path / "x.png"), keys=("val_nothing",))
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        plot_validation([str(tmp_path)], str(tmp_path / "y.png"))
