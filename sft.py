@@ -20,6 +20,7 @@ Commands (seed 0, defaults otherwise; the record next to each checkpoint holds t
 time of the run that made it):
     python sft.py vae --steps 2000 --bank 8192 --out checkpoints/toy/vae-tiny        # shipped (80 s on one H200)
     python sft.py lgm --steps 3000 --out checkpoints/toy/lgm-tiny.safetensors        # shipped one: first version
+    python sft.py lgm --init checkpoints/toy/lgm-tiny.safetensors --steps 2000 --out ...   # continue training it
     python sft.py mvdream --vae checkpoints/toy/vae-tiny --bank 12288 --steps 4500 --compile \
         --snapshot 900:checkpoints/toy/sft-base --out checkpoints/toy/sft-long       # shipped: 4.2 min on one H200
 sft-base is the RL starting point; sft-long is the same run continued 5x longer (the "longer SFT" baseline).
@@ -239,7 +240,9 @@ def _write_record(path, args, step, seconds, log, **extra):
 # LGM SFT
 
 def train_lgm(args, device):
-    lgm = reconstruct.LGM("tiny").to(device).train()
+    # --init: continue from a trained LGM (e.g. the shipped one), so that training can be split across GPU sessions
+    lgm = (reconstruct.LGM.from_pretrained(args.init, config="tiny") if args.init else reconstruct.LGM("tiny"))
+    lgm = lgm.to(device).train().requires_grad_(True)
     lpips_model = load_lpips("alex").to(device)
     opt = torch.optim.AdamW(lgm.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95))
     bank = make_bank(args.bank, args.seed, device, args.workers)
@@ -286,6 +289,7 @@ def main(argv=None):
     p.add_argument("--vae", default="checkpoints/toy/vae-tiny", help="mvdream: the trained toy VAE (sft.py vae)")
     p.add_argument("--independent-fraction", type=float, default=0.5,
                    help="mvdream: fraction of examples whose 4 views come from 4 instances of the prompt")
+    p.add_argument("--init", help="lgm: start from this LGM .safetensors instead of random weights")
     p.add_argument("--kl-weight", type=float, default=1e-6, help="vae: KL weight (LDM's, see train_vae)")
     p.add_argument("--compile", action="store_true", help="mvdream: torch.compile the loss (GPU: fewer launches)")
     p.add_argument("--max-minutes", type=float, default=0, help="mvdream: stop (and save) after this long (0: never)")
@@ -307,6 +311,8 @@ def main(argv=None):
     p.add_argument("--sample-every", type=int, default=1000, help="write a sample grid every N steps")
     p.add_argument("--log-dir", default="outputs/sft", help="where sample grids go")
     args = p.parse_args(argv)
+    if args.init and args.model != "lgm":
+        raise ValueError("--init applies to `sft.py lgm` only")
     args.batch_size = args.batch_size or {"vae": 128, "mvdream": 512, "lgm": 32}[args.model]
     args.lr = args.lr or (5e-4 if args.model == "vae" else 1e-3)
     os.makedirs(args.log_dir, exist_ok=True)

@@ -388,3 +388,18 @@ def test_sft_lgm_smoke_writes_a_loadable_file(tmp_path):
     with torch.no_grad():
         g = lgm.reconstruct(views, reconstruct.standard_cameras(-toy.TOY.elevation, toy.TOY.radius))
     assert g.shape == (1, N_GAUSSIANS, 14) and torch.isfinite(g).all()
+
+
+def test_sft_lgm_init_continues_from_a_trained_lgm(tmp_path, shipped_lgm):
+    out = tmp_path / "lgm.safetensors"
+    args = ["lgm", "--steps", "1", "--bank", "4", "--batch-size", "2", "--workers", "1", "--device", "cpu",
+            "--lr", "1e-6", "--out", str(out), "--log-dir", str(tmp_path / "log"), "--sample-every", "100"]
+    sft.main(args + ["--init", str(LGM_FILE)])
+    start, trained = shipped_lgm.state_dict(), reconstruct.LGM.from_pretrained(str(out), config="tiny").state_dict()
+    assert set(start) == set(trained)
+    # one warm-up step at a tiny learning rate: close to the shipped weights, not equal to them
+    assert all(torch.allclose(start[k], trained[k], atol=1e-4) for k in start)
+    assert not all(torch.equal(start[k], trained[k]) for k in start)
+    assert json.loads(out.with_suffix(".record.json").read_text())["args"]["init"] == str(LGM_FILE)
+    with pytest.raises(ValueError, match="--init applies to `sft.py lgm` only"):
+        sft.main(["mvdream", "--init", str(LGM_FILE), "--out", str(tmp_path / "x")])
