@@ -25,8 +25,8 @@ import contextlib
 
 import torch
 
-from kl import kl_loss_term
-from sample import ddim_step_with_logprob
+from kl import gaussian_kl, kl_loss_term
+from sample import ddim_mean_std, ddim_step_with_logprob
 from support.batch_plan import BatchPlan
 from support.devices import all_ranks_true, max_over_ranks, mean_over_ranks
 
@@ -53,7 +53,7 @@ def ppo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
     return loss, info
 
 
-TIME_KEYS = ("timesteps", "latents", "next_latents", "log_probs", "ref_log_probs")
+TIME_KEYS = ("timesteps", "latents", "next_latents", "log_probs", "ref_log_probs", "ref_means")
 
 
 def shuffle_samples(samples, generator, num_train_timesteps):
@@ -81,7 +81,7 @@ def shuffle_samples(samples, generator, num_train_timesteps):
 
 
 def micro_step_loss(model, policy, mb, j, *, eta, guidance_scale, clip_range, adv_clip_max, autocast,
-                    kl_beta=0.0, kl_in_loss=False, unmoved=False):
+                    kl_beta=0.0, kl_in_loss=False, kl_mean_coeff=0.0, unmoved=False):
     """The PPO loss of one micro-batch at its j-th (shuffled) timestep: re-score the stored transition
     x_t -> x_t' under the current policy and compare with the old policy's log-prob of it (unmoved: the
     parameters have not changed since sampling, so the old log-prob is this one, detached)."""
@@ -95,12 +95,17 @@ def micro_step_loss(model, policy, mb, j, *, eta, guidance_scale, clip_range, ad
     info["logp_replay_err"] = (log_prob.detach() - sampled).abs().max()
     if kl_in_loss:  # Carve3D's kl_in_reward=False branch
         loss = loss + kl_loss_term(log_prob, mb["ref_log_probs"][:, j], kl_beta)
+    if "ref_means" in mb:  # the exact per-step KL to the reference (kl.py; in the loss if kl_mean_coeff > 0)
+        mean, std = ddim_mean_std(policy.scheduler, eps.float(), mb["timesteps"][:, j], mb["latents"][:, j], eta)
+        kl = gaussian_kl(mean, mb["ref_means"][:, j], std).mean()
+        info["kl_step"] = kl.detach()
+        loss = loss + kl_mean_coeff * kl if kl_mean_coeff > 0 else loss
     return loss, info
 
 
 def ppo_update(model, policy, samples, advantages, optimizer, plan, *, eta, guidance_scale, train_cfg,
                clip_range, adv_clip_max, max_grad_norm, generator, autocast=contextlib.nullcontext,
-               kl_beta=0.0, kl_in_loss=False, nonfinite="skip", params=None):
+               kl_beta=0.0, kl_in_loss=False, kl_mean_coeff=0.0, nonfinite="skip", params=None):
     """One epoch of PPO over this rank's samples. Returns a list of per-optimizer-step info dicts.
 
     model: the callable for the policy forward (the DDP wrapper under torchrun so LoRA gradients are
@@ -113,7 +118,8 @@ def ppo_update(model, policy, samples, advantages, optimizer, plan, *, eta, guid
         raise ValueError(f"ppo_update: got {B} samples, the batch plan expects {plan.samples_per_rank} per rank")
     samples = dict(samples, advantages=advantages.to(samples["latents"].device))
     step_kw = dict(eta=eta, guidance_scale=guidance_scale if train_cfg else 1.0, clip_range=clip_range,
-                   adv_clip_max=adv_clip_max, autocast=autocast, kl_beta=kl_beta, kl_in_loss=kl_in_loss)
+                   adv_clip_max=adv_clip_max, autocast=autocast, kl_beta=kl_beta, kl_in_loss=kl_in_loss,
+                   kl_mean_coeff=kl_mean_coeff)
     infos, M = [], plan.micro_batch_size
     for _ in range(plan.num_inner_epochs):
         shuffled = shuffle_samples(samples, generator, plan.num_train_timesteps)

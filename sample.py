@@ -25,8 +25,8 @@ from support.devices import autocast
 from support.seeding import make_generator
 
 
-def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_sample=None, generator=None,
-                           noise=None):
+def ddim_mean_std(scheduler, model_output, timestep, sample, eta):
+    """Mean and std of the DDIM step's Gaussian p(x_t' | x_t) (Song et al. 2021 eq. 12 and 16), in fp32."""
     cfg = scheduler.config
     if cfg.prediction_type != "epsilon" or cfg.clip_sample or cfg.thresholding:
         raise ValueError("ddim_step_with_logprob: only epsilon prediction without clip_sample/thresholding is "
@@ -48,7 +48,13 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)  # DDIM (Song et al. 2021) eq. 16
     std = eta * variance.sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).sqrt() * eps
+    return mean, std
 
+
+def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_sample=None, generator=None,
+                           noise=None):
+    mean, std = ddim_mean_std(scheduler, model_output, timestep, sample, eta)
+    x, B = sample.float(), sample.shape[0]
     if prev_sample is None:  # sample x_t' (noise given: used as is; else drawn from the generator)
         if noise is None:
             noise = torch.randn(x.shape, generator=generator, dtype=torch.float32,
@@ -98,7 +104,7 @@ def sample_trajectories(policy, prompts, *, num_steps, guidance_scale, eta=1.0, 
     prompt_embeds = policy.encode_prompts(prompts)
     policy.scheduler.set_timesteps(num_steps, device=device)
     timesteps = policy.scheduler.timesteps
-    latents, next_latents, log_probs, ref_log_probs = [], [], [], []
+    latents, next_latents, log_probs, ref_log_probs, ref_means = [], [], [], [], []
     for k, t in enumerate(timesteps):
         tb = t.expand(B)
         eps = model(x, tb, prompt_embeds, guidance_scale)
@@ -108,6 +114,7 @@ def sample_trajectories(policy, prompts, *, num_steps, guidance_scale, eta=1.0, 
             with policy.disable_adapters():
                 eps_ref = model(x, tb, prompt_embeds, guidance_scale)
             ref_log_probs.append(ddim_step_with_logprob(policy.scheduler, eps_ref, tb, x, eta, prev_sample=x_next)[1])
+            ref_means.append(ddim_mean_std(policy.scheduler, eps_ref, tb, x, eta)[0])  # for kl.gaussian_kl
         latents.append(x)
         next_latents.append(x_next)
         log_probs.append(log_prob)
@@ -125,6 +132,7 @@ def sample_trajectories(policy, prompts, *, num_steps, guidance_scale, eta=1.0, 
     }
     if with_reference:
         out["ref_log_probs"] = torch.stack(ref_log_probs, dim=1)
+        out["ref_means"] = torch.stack(ref_means, dim=1)
     return out
 
 

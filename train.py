@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import toy
 from fidelity import fidelity
-from kl import advantages_with_kl, kl_estimate
+from kl import adapt_kl_coeff, advantages_with_kl, kl_estimate
 from mvdream import MVDreamPolicy
 from ppo import ppo_update, summarize
 from reconstruct import LGM
@@ -103,6 +103,8 @@ class Config:  # one flat config, one comment per field; YAML keys have the same
     kl_per_prompt_stat_tracking: bool = True  # z-score KL per prompt with its own tracker
     kl_normalized_coeff: float = 0.2      # A = z_reward - c * z_KL
     kl_beta: float = 0.001                # in-loss KL weight (only when kl_in_reward is false)
+    kl_mean_coeff: float = 0.0            # not Carve3D: weight of the exact per-step KL in the loss (kl.py; 0 = off)
+    kl_target: float = 0.0                # > 0: adapt kl_mean_coeff each epoch toward this per-step KL (kl.py)
     # --- checkpoint selection (support/checkpoint.py BestCheckpoint): best/ = lowest val MRC among validations
     best_max_val_kl: float = 0.0          # ... whose val KL is at most this (0 = no limit; Carve3D stops on KL)
     best_max_fidelity_drop: float = 0.05  # ... and, in the toy world, whose val fidelity is within this of epoch 0's
@@ -144,7 +146,7 @@ def build_models(cfg, device):
 # ----------------------------------------------------------------------------------------------
 # Sampling + reward for one epoch (or for validation), advantages, update
 
-TRAIN_KEYS = ("prompt_embeds", "timesteps", "latents", "next_latents", "log_probs", "ref_log_probs")
+TRAIN_KEYS = ("prompt_embeds", "timesteps", "latents", "next_latents", "log_probs", "ref_log_probs", "ref_means")
 
 
 def rollout(cfg, policy, reward_fn, prompts, micro, generators, autocast, with_reference):
@@ -183,17 +185,13 @@ def advantages(cfg, samples, prompts, trackers, rank, samples_per_rank, policy_m
     first update the policy IS the reference: its KL (0 up to numerics) stays out of the KL tracker's buffers."""
     all_prompts = devices.gather_list(prompts)
     rewards = devices.gather_tensor(samples["reward"]).cpu().numpy()
-    kl = None
-    if cfg.kl_penalty:
-        kl = devices.gather_tensor(kl_estimate(samples["log_probs"], samples["ref_log_probs"])).cpu().numpy()
-    if cfg.per_prompt_stat_tracking:
-        z_reward = trackers["reward"].update(all_prompts, rewards)
-    else:
-        z_reward = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+    kl = (devices.gather_tensor(kl_estimate(samples["log_probs"], samples["ref_log_probs"])).cpu().numpy()
+          if cfg.kl_penalty else None)
+    z_reward = (trackers["reward"].update(all_prompts, rewards) if cfg.per_prompt_stat_tracking
+                else (rewards - rewards.mean()) / (rewards.std() + 1e-6))
     adv = advantages_with_kl(z_reward, kl if policy_moved else None, all_prompts, trackers["kl"],
-                             kl_in_reward=cfg.kl_in_reward,
-                             kl_per_prompt_stat_tracking=cfg.kl_per_prompt_stat_tracking,
-                             kl_normalized_coeff=cfg.kl_normalized_coeff)
+                             kl_in_reward=cfg.kl_in_reward, kl_normalized_coeff=cfg.kl_normalized_coeff,
+                             kl_per_prompt_stat_tracking=cfg.kl_per_prompt_stat_tracking)
     metrics = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                "mrc_mean": float(-rewards.mean()), "advantage_mean": float(np.mean(adv)),
                "advantage_std": float(np.std(adv))}
@@ -210,10 +208,13 @@ def update(cfg, model, policy, samples, adv, optimizer, plan, params, autocast, 
                        clip_range=cfg.clip_range, adv_clip_max=cfg.adv_clip_max, max_grad_norm=cfg.max_grad_norm,
                        generator=make_generator("cpu", cfg.seed, "shuffle", epoch, rank), autocast=autocast,
                        kl_beta=cfg.kl_beta, kl_in_loss=cfg.kl_penalty and not cfg.kl_in_reward,
-                       nonfinite=cfg.nonfinite, params=params)
+                       kl_mean_coeff=counters["kl_mean_coeff"], nonfinite=cfg.nonfinite, params=params)
     counters["global_step"] += sum(1 - i["skipped"] for i in infos)
     counters["skipped_updates"] += sum(i["skipped"] for i in infos)
-    return summarize(infos)
+    summary = summarize(infos)
+    if cfg.kl_target > 0 and counters["global_step"] > 1:  # (the first update starts AT the reference: KL 0)
+        counters["kl_mean_coeff"] = adapt_kl_coeff(counters["kl_mean_coeff"], summary["kl_step"], cfg.kl_target)
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,7 +240,8 @@ def main(argv):
     trackers = {"reward": PerPromptStatTracker(plan.buffer_size, plan.min_count),
                 "kl": PerPromptStatTracker(plan.buffer_size, plan.min_count)}
     ckpt, start_epoch, counters = checkpoint.resume(cfg, policy, optimizer, trackers,
-                                                    {"global_step": 0, "skipped_updates": 0}, rank)
+                                                    {"global_step": 0, "skipped_updates": 0,
+                                                     "kl_mean_coeff": cfg.kl_mean_coeff}, rank)
     best = checkpoint.BestCheckpoint(cfg, counters)
     logger = Logger(cfg, rank, start_epoch)
     throughput = Throughput(policy, reward_fn, device, cfg, plan, world)  # counts FLOPs on the eager UNet

@@ -15,7 +15,8 @@ CHOICES = {"mixed_precision": ("bf16", "no"), "nonfinite": ("skip", "stop"), "wo
            "device": ("auto", "cuda", "cpu"), "lgm_config": ("tiny", "big")}
 POSITIVE = ("num_epochs", "save_every", "val_every", "num_steps", "samples_per_epoch", "micro_batch_size",
             "updates_per_epoch", "num_inner_epochs", "lora_rank")
-NON_NEGATIVE = ("stat_buffer_size", "stat_min_count", "num_train_prompts", "num_val_prompts", "best_max_val_kl")
+NON_NEGATIVE = ("stat_buffer_size", "stat_min_count", "num_train_prompts", "num_val_prompts", "best_max_val_kl",
+                "kl_mean_coeff", "kl_target")
 # Per-GPU batch keys of earlier versions: the config now states totals (support/batch_plan.py).
 REPLACED = {k: "samples_per_epoch (total over all GPUs), updates_per_epoch and micro_batch_size (per GPU)"
             for k in ("sample_batch_size", "num_batches_per_epoch", "train_batch_size", "gradient_accumulation_steps")}
@@ -77,6 +78,11 @@ def check_config(cfg, path):
     if not cfg.eta > 0:
         raise ValueError(f"{path}: config key 'eta' must be > 0, got {cfg.eta} (a deterministic DDIM step has no "
                          f"log-probability to train on)")
+    if (cfg.kl_mean_coeff > 0 or cfg.kl_target > 0) and not cfg.kl_penalty:
+        raise ValueError(f"{path}: config keys 'kl_mean_coeff' / 'kl_target' need the reference pass while sampling: "
+                         f"set kl_penalty: true")
+    if cfg.kl_target > 0 and not cfg.kl_mean_coeff > 0:
+        raise ValueError(f"{path}: config key 'kl_target' adapts kl_mean_coeff, which is 0: give it a start value")
     # What does not depend on the number of ranks is checked before any launch; the rest when it is known.
     try:
         BatchPlan(1, cfg.samples_per_epoch, cfg.updates_per_epoch, 1, cfg.num_steps, cfg.timestep_fraction,

@@ -54,3 +54,36 @@ def test_kl_loss_term_gradient_flows_through_policy_only():
     loss.backward()
     assert loss.item() == pytest.approx(0.001 * 0.2)
     assert torch.allclose(lp.grad, torch.full((2,), 0.0005))
+
+
+def test_gaussian_kl_matches_torch_distributions_per_dimension():
+    from kl import gaussian_kl
+    g = torch.Generator().manual_seed(0)
+    mean, ref = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    std = torch.tensor([0.3, 0.7, 1.1]).view(3, 1, 1)  # one std per sample, as a DDIM step at per-sample t
+    expect = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std.expand_as(mean)),
+                                               torch.distributions.Normal(ref, std.expand_as(ref)))
+    got = gaussian_kl(mean, ref, std)
+    assert got.shape == (3,) and torch.allclose(got, expect.mean(dim=(1, 2)), atol=1e-6)
+    assert torch.equal(gaussian_kl(ref, ref, std), torch.zeros(3))
+    # its gradient pulls the policy mean towards the reference
+    m = mean.clone().requires_grad_(True)
+    gaussian_kl(m, ref, std).sum().backward()
+    assert (m.grad * (m.detach() - ref) > 0).all()
+
+
+def test_carve3d_in_loss_kl_has_zero_expected_gradient_on_policy():
+    # kl_loss_term differentiates log p(x) of x drawn from p itself: E[grad log p(x)] = 0 (kl.py's note)
+    mu = torch.tensor(0.3, requires_grad=True)
+    x = (mu.detach() + torch.randn(200_000, generator=torch.Generator().manual_seed(0)))
+    log_p = -0.5 * (x - mu) ** 2
+    kl_loss_term(log_p, log_p.detach() - 0.1, 1.0).backward()
+    assert abs(mu.grad.item()) < 0.01                # vs the exact KL's gradient mu - mu_ref, far from 0 here
+
+
+def test_adaptive_kl_coefficient_follows_ppos_rule():
+    from kl import adapt_kl_coeff
+    assert adapt_kl_coeff(0.1, 0.01, 0.1) == 0.05       # KL below target / 1.5: halve
+    assert adapt_kl_coeff(0.1, 0.2, 0.1) == 0.2         # above 1.5 x target: double
+    assert adapt_kl_coeff(0.1, 0.1, 0.1) == 0.1         # within: keep
+    assert adapt_kl_coeff(0.1, 0.0667, 0.1) == 0.1 and adapt_kl_coeff(0.1, 0.149, 0.1) == 0.1

@@ -57,3 +57,34 @@ def test_shuffle_keeps_transitions_paired_and_applies_timestep_fraction():
         assert len(set(out["timesteps"][r].tolist())) == 4
     # Different per-sample time orders (the point of shuffling along time).
     assert len({tuple((out["timesteps"][r] % T).tolist()) for r in range(B)}) > 1
+
+
+@pytest.mark.parametrize("coeff", [0.0, 10.0])
+def test_exact_kl_term_pulls_a_moved_policy_back_to_the_reference(coeff, fill_lora_up):
+    # advantages 0: the PPO surrogate has no gradient, so the only force is kl_mean_coeff x gaussian_kl
+    from mvdream import MVDreamPolicy
+    from ppo import ppo_update
+    from sample import sample_trajectories
+    from support.batch_plan import BatchPlan
+    from toy import VOCAB
+    policy = MVDreamPolicy.tiny(VOCAB, seed=0)
+    policy.add_lora(4, 4)
+    fill_lora_up(policy, 0.1, 4)                     # a policy that has moved away from the reference
+    traj = sample_trajectories(policy, ["a red cube", "a blue ball"], num_steps=3, guidance_scale=2.0,
+                               generator=torch.Generator().manual_seed(0), with_reference=True)
+    samples = {k: traj[k] for k in ("prompt_embeds", "timesteps", "latents", "next_latents", "log_probs",
+                                    "ref_log_probs", "ref_means")}
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    plan = BatchPlan(world_size=1, samples_per_epoch=2, updates_per_epoch=1, micro_batch_size=2, num_steps=3)
+    kls = []
+    for step in range(3):
+        info = ppo_update(policy, policy, samples, torch.zeros(2), opt, plan, eta=1.0, guidance_scale=2.0,
+                          train_cfg=True, clip_range=1e-4, adv_clip_max=5.0, max_grad_norm=1.0,
+                          generator=torch.Generator().manual_seed(step), kl_mean_coeff=coeff)
+        kls.append(info[0]["kl_step"])
+    assert kls[0] > 0
+    if coeff == 0:
+        assert kls[2] == pytest.approx(kls[0], rel=1e-5)   # nothing moves the policy
+    else:
+        assert kls[2] < 0.8 * kls[0]                       # measured before each step: falling

@@ -340,6 +340,9 @@ def _write(tmp_path, text):
     ("samples_per_epoch: 0\n", ValueError, ["samples_per_epoch"]),
     ("train_batch_size: 4\n", KeyError, ["train_batch_size", "samples_per_epoch", "micro_batch_size"]),
     ("timestep_fraction: 1.5\n", ValueError, ["timestep_fraction"]),
+    ("kl_mean_coeff: 0.1\nkl_penalty: false\n", ValueError, ["kl_mean_coeff", "kl_penalty"]),
+    ("kl_target: 0.01\n", ValueError, ["kl_target", "kl_mean_coeff"]),
+    ("kl_mean_coeff: -1.0\n", ValueError, ["kl_mean_coeff", ">= 0"]),
     ("- a list\n", ValueError, ["mapping"]),
 ])
 def test_config_errors_name_the_key(tmp_path, text, error, words):
@@ -593,3 +596,17 @@ def test_validation_curve_plots_one_panel_per_metric_from_metrics_jsonl(run_a, t
         plot_validation([dir_a], str(tmp_path / "x.png"), keys=("val_nothing",))
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         plot_validation([str(tmp_path)], str(tmp_path / "y.png"))
+
+
+def test_adaptive_exact_kl_coefficient_follows_the_rule_and_is_checkpointed(tmp_path, one_thread):
+    from kl import adapt_kl_coeff
+    run_train(tmp_path, num_epochs=4, kl_mean_coeff=0.5, kl_target=1e-9, learning_rate=1e-2)
+    m = read_metrics(tmp_path)
+    assert m[0]["kl_mean_coeff"] == 0.5 and "kl_step" not in m[0]    # epoch 0: no update
+    assert m[1]["kl_step"] == 0 and m[1]["kl_mean_coeff"] == 0.5    # the first update starts at the reference
+    for e in (2, 3):                                                # logged after the epoch's update
+        assert m[e]["kl_step"] > 0
+        assert m[e]["kl_mean_coeff"] == adapt_kl_coeff(m[e - 1]["kl_mean_coeff"], m[e]["kl_step"], 1e-9)
+    assert m[3]["kl_mean_coeff"] > 0.5                              # the policy moved: KL above a tiny target
+    with open(os.path.join(ckpt(tmp_path, 3), "trainer_state.json")) as f:
+        assert json.load(f)["counters"]["kl_mean_coeff"] == m[3]["kl_mean_coeff"]  # a resume continues from it
