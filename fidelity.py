@@ -2,9 +2,9 @@
 # prompt asks for, where ground truth shows it? evaluate.py reports it as fidelity_mean / fidelity_std.
 #
 # Why not colour histograms (the check this replaces, formerly toy.fidelity): it counted every non-white
-# pixel, so the models' coloured background noise (docs/grid_sft-base.png) held every model at 0.08-0.11
-# and the collapsed RL policies that turn every prompt into a red blob or a body with its part on top (the
-# project's shared/reference/figures/toy_rl_long64_collapse.png, toy_rl_long128_collapse.png) at 0.04-0.06:
+# pixel, so the first (pixel-space) toy models' coloured background noise held every model at 0.08-0.11
+# and the collapsed RL policies that turned every prompt into a red blob or a body with its part on top (long
+# GPU runs of those models, 64 and 128 samples per epoch) at 0.04-0.06:
 # one narrow band near 0, against 0.95 for ground truth. Here each view is segmented into colour regions
 # that survive pixel noise, and the regions are compared with ground-truth renders of the same prompt at
 # the same camera, check by check, so a score says what is wrong (per_check=True).

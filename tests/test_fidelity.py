@@ -160,8 +160,8 @@ def test_part_on_any_wrong_side_lowers_the_score():
 
 
 def test_emulated_collapse_scores_far_below_ground_truth(gt):
-    # the collapsed RL policies of shared/reference/figures/toy_rl_long{64,128}_collapse.png: a red blob for
-    # every prompt, or the body with its part on top (the real figures score 0.08 and 0.12 vs 0.999)
+    # the collapsed RL policies of long GPU runs of the first toy models: a red blob for every prompt, or the
+    # body with its part on top (their sample grids scored 0.08 and 0.12 vs 0.999 for ground truth)
     _, score, _ = gt
     assert fidelity.fidelity(render(["a red ball"] * len(PROMPTS)), PROMPTS).mean() < 0.15       # measured 0.03
     beside = [p for p in TWO if not p.endswith("top")]

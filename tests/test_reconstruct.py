@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import reconstruct as R  # noqa: E402
 
 FOVY = 49.1
-KEYS_FILE = Path(__file__).parent / "data" / "lgm_big_keys.txt"  # copy of shared/reference/lgm_big_keys.txt
+# names and shapes of every tensor in LGM big's released checkpoint (hub ashawkey/LGM, model_fp16_fixrot.safetensors)
+KEYS_FILE = Path(__file__).parent / "data" / "lgm_big_keys.txt"
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 import contextlib
+import math
 
 import pytest
 import torch
 
 from mvdream import MVDreamPolicy, make_scheduler
-from sample import ddim_step_with_logprob, sample_trajectories
+from sample import ddim_mean_std, ddim_step_with_logprob, sample_trajectories
 
 VOCAB = ["a", "red", "blue", "green", "cube", "ball"]
 PROMPTS = ["a red cube", "a blue ball"]
@@ -146,6 +147,15 @@ def test_replay_with_trained_lora_and_reference_differs(fill_lora_up):
     assert (torch.exp(_replay(p, traj, 2.0) - traj["log_probs"]) - 1).abs().max() <= 1e-5
     assert (torch.exp(_replay(p, traj, 2.0, reference=True) - traj["ref_log_probs"]) - 1).abs().max() <= 1e-5
     assert (traj["log_probs"] - traj["ref_log_probs"]).abs().max() > 1e-6
+    # ref_means (for kl.gaussian_kl) re-score the stored transition as ref_log_probs does: the Gaussian
+    # log-density of next_latents under N(ref_mean, std^2), recomputed here by hand
+    assert traj["ref_means"].shape == traj["latents"].shape
+    for j in range(3):
+        t, x = traj["timesteps"][:, j], traj["latents"][:, j]
+        _, std = ddim_mean_std(p.scheduler, torch.zeros_like(x), t, x, 1.0)   # std does not depend on eps
+        lp = -((traj["next_latents"][:, j] - traj["ref_means"][:, j]) ** 2) / (2 * std ** 2) - std.log() \
+            - math.log(math.sqrt(2 * math.pi))
+        assert torch.allclose(lp.mean(dim=(1, 2, 3, 4)), traj["ref_log_probs"][:, j], atol=1e-5)
 
 
 def test_sampling_is_deterministic_given_the_generator(policy):
@@ -174,22 +184,3 @@ def test_per_sample_generators_make_noise_independent_of_batching(policy):
     with pytest.raises(ValueError, match="one per sample"):
         sample_trajectories(policy, PROMPTS, num_steps=3, guidance_scale=3.0, generator=gens([1]))
 
-
-def test_reference_means_are_the_adapters_off_step_means(fill_lora_up):
-    # ref_means (for kl.gaussian_kl) re-score the stored transition exactly as ref_log_probs does: the Gaussian
-    # log-density of next_latents under N(ref_mean, std^2), recomputed here by hand
-    import math
-    from sample import ddim_mean_std
-    p = MVDreamPolicy.tiny(VOCAB, seed=0)
-    p.add_lora(4, 4)
-    fill_lora_up(p, 0.1, 4)
-    traj = sample_trajectories(p, PROMPTS, num_steps=3, guidance_scale=2.0,
-                               generator=torch.Generator().manual_seed(2), with_reference=True)
-    assert traj["ref_means"].shape == traj["latents"].shape
-    for j in range(3):
-        t, x = traj["timesteps"][:, j], traj["latents"][:, j]
-        with torch.no_grad():
-            _, std = ddim_mean_std(p.scheduler, torch.zeros_like(x), t, x, 1.0)   # std does not depend on eps
-        lp = -((traj["next_latents"][:, j] - traj["ref_means"][:, j]) ** 2) / (2 * std ** 2) - std.log() \
-            - math.log(math.sqrt(2 * math.pi))
-        assert torch.allclose(lp.mean(dim=(1, 2, 3, 4)), traj["ref_log_probs"][:, j], atol=1e-5)
