@@ -270,15 +270,18 @@ def train_lgm(args, device):
         _optimize(opt, loss, lgm.parameters())
         if step % 100 == 0:
             log.append({"step": step, "mse": mse.item(), "lpips": lp.item(), "time": time.time() - t0})
-        if step % args.sample_every == 0 or step == args.steps:
+        out_of_time = args.max_minutes and time.time() - t0 > 60 * args.max_minutes
+        if step % args.sample_every == 0 or step == args.steps or out_of_time:
             n = min(4, args.batch_size)
             save_grid(os.path.join(args.log_dir, f"lgm_step{step:06d}.png"),
                       torch.cat([target[:n, :4], pred[:n, :4].detach()], 0),
                       [f"target {i}" for i in range(n)] + [f"render {i}" for i in range(n)])
             tqdm.write(f"step {step}: mse {mse.item():.5f} lpips {lp.item():.4f}")
+        if out_of_time:  # the record says which step the saved model is
+            break
     lgm.eval()
     lgm.save_pretrained(args.out)
-    _write_record(os.path.splitext(args.out)[0] + ".record.json", args, args.steps, time.time() - t0, log)
+    _write_record(os.path.splitext(args.out)[0] + ".record.json", args, step, time.time() - t0, log)
     print(f"saved {args.out} ({(time.time() - t0) / 60:.1f} min)")
 
 
@@ -292,7 +295,7 @@ def main(argv=None):
     p.add_argument("--init", help="lgm: start from this LGM .safetensors instead of random weights")
     p.add_argument("--kl-weight", type=float, default=1e-6, help="vae: KL weight (LDM's, see train_vae)")
     p.add_argument("--compile", action="store_true", help="mvdream: torch.compile the loss (GPU: fewer launches)")
-    p.add_argument("--max-minutes", type=float, default=0, help="mvdream: stop (and save) after this long (0: never)")
+    p.add_argument("--max-minutes", type=float, default=0, help="mvdream, lgm: stop (and save) after this long (0: never)")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     p.add_argument("--snapshot", action="append", default=[], metavar="STEP:DIR",
                    help="mvdream: also save the model at STEP into DIR (repeatable)")

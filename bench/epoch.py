@@ -15,6 +15,7 @@
 # the renderer's, so the LGM head's scale bias is set as bench/reward.py does (small, trained-like Gaussians).
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -205,7 +206,10 @@ def main():
     p.add_argument("--fp32-check", action="store_true", help="log-prob error of bf16 against an fp32 copy")
     p.add_argument("--orbit", action="store_true", help="also time view3d's 72-frame orbit of one object")
     args = p.parse_args()
-    results = [one_mode(args, mode == "compiled") for mode in args.modes.split(",")]
+    results = []
+    for mode in args.modes.split(","):
+        results.append(one_mode(args, mode == "compiled"))
+        print(json.dumps({k: v for k, v in results[-1].items()}, default=str), flush=True)  # kept if a later mode fails
     report(results, args)
 
 
