@@ -1,7 +1,7 @@
 # bench/epoch.py: one training epoch of train.py, stage by stage, eager and compiled side by side.
 #
 #   python bench/epoch.py --device cuda            # paper setup (config.yaml), random weights, Carve3D's per-GPU
-#                                                  # load: 16 samples, 50 DDIM steps, CFG, KL, micro-batch 4
+#                                                  # load: 16 samples, 50 DDIM steps, CFG, KL, micro-batch 16
 #   python bench/epoch.py --device cpu --toy       # toy setup (toy.yaml, random tiny models): a quick check
 #   options: --samples N --micro M --steps S --modes eager,compiled --fp32-check --orbit
 #
@@ -200,7 +200,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--toy", action="store_true", help="toy.yaml's tiny models instead of the paper setup")
     p.add_argument("--samples", type=int, default=16, help="samples in the epoch (Carve3D: 16 per GPU)")
-    p.add_argument("--micro", type=int, default=4, help="micro_batch_size")
+    p.add_argument("--micro", type=int, default=16, help="micro_batch_size (config.yaml: 16)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--modes", default="eager,compiled", help="eager and/or compiled (compiled needs CUDA)")
     p.add_argument("--fp32-check", action="store_true", help="log-prob error of bf16 against an fp32 copy")
