@@ -20,7 +20,8 @@ Commands (seed 0, defaults otherwise; the record next to each checkpoint holds t
 time of the run that made it):
     python sft.py vae --steps 2000 --bank 8192 --out checkpoints/toy/vae-tiny        # shipped (80 s on one H200)
     python sft.py lgm --steps 3000 --out checkpoints/toy/lgm-tiny.safetensors        # shipped one: first version
-    python sft.py lgm --init checkpoints/toy/lgm-tiny.safetensors --steps 2000 --out ...   # continue training it
+    python sft.py lgm --init checkpoints/toy/lgm-tiny.safetensors --lr 5e-4 --seed 1 --bank 8192 --steps 4000 \
+        --max-minutes 7.4 --out checkpoints/toy/lgm-tiny-v2.safetensors  # shipped v2: continued, stopped at 1,341
     python sft.py mvdream --vae checkpoints/toy/vae-tiny --bank 12288 --steps 4500 --compile \
         --snapshot 900:checkpoints/toy/sft-base --out checkpoints/toy/sft-long       # shipped: 4.2 min on one H200
 sft-base is the RL starting point; sft-long is the same run continued 5x longer (the "longer SFT" baseline).

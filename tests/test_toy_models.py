@@ -27,6 +27,7 @@ from support.seeding import make_generator
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints" / "toy"
 SFT_BASE, SFT_LONG, LGM_FILE = CKPT / "sft-base", CKPT / "sft-long", CKPT / "lgm-tiny.safetensors"
+LGM_V2 = CKPT / "lgm-tiny-v2.safetensors"  # lgm-tiny trained 1,341 steps more (its record); not yet the default
 VAE_DIR = CKPT / "vae-tiny"
 RES = toy.TOY.resolution                  # 64
 N_GAUSSIANS = 4 * 32 * 32                 # tiny LGM: 4 input views x splat_size^2 pixels -> one Gaussian each
@@ -189,6 +190,36 @@ def test_shipped_lgm_mrc_is_low_on_ground_truth_and_rises_when_a_view_is_swapped
         untrained = reconstruct.LGM("tiny").eval()
     assert reward.MRCReward(untrained, alex, elevation=toy.TOY.elevation)(views)["mrc"].mean() > 2 * GT_MRC_MEAN_MAX
 
+
+
+def test_lgm_v2_loads_strictly_and_records_its_parent():
+    lgm = reconstruct.LGM.from_pretrained(str(LGM_V2), config=None)
+    on_disk = load_file(LGM_V2)
+    assert lgm.config.name == "tiny" and set(on_disk) == set(lgm.state_dict())
+    record = json.loads(LGM_V2.with_name("lgm-tiny-v2.record.json").read_text())
+    assert record["args"]["init"] == "checkpoints/toy/lgm-tiny.safetensors" and record["step"] > 1000
+
+
+def test_lgm_v2_sees_inconsistency_more_than_simplicity(shipped_lgm, alex):
+    # What RL exploits: the reward should rise more for 4 views that are not one object than it falls for an
+    # object without its part. With lgm-tiny (v1) it is the other way round (32 test prompts x 2: +0.042 vs
+    # -0.052), with v2 not (+0.052 vs -0.034), and v2 reconstructs ground truth better (0.125 vs 0.181).
+    prompts = [p for p in toy.test_prompts() if toy.parse_prompt(p).has_part][::37][:12]
+    objs = lambda ps, k: torch.stack([toy.make_object(p, make_generator("cpu", 0, "probe", i, k))  # noqa: E731
+                                      for i, p in enumerate(ps)])
+    consistent = toy.render_views(objs(prompts, 0))
+    independent = torch.stack([toy.render_views(objs(prompts, k))[:, k] for k in range(4)], 1)  # view k: instance k
+    no_part = toy.render_views(objs([p.split(" with ")[0] for p in prompts], 0))
+    v2 = reconstruct.LGM.from_pretrained(str(LGM_V2), config="tiny").requires_grad_(False)
+    mrc = {}
+    for name, lgm in (("v1", shipped_lgm), ("v2", v2)):
+        r = reward.MRCReward(lgm, alex, elevation=toy.TOY.elevation)
+        mrc[name] = [r(v)["mrc"].mean().item() for v in (consistent, independent, no_part)]
+    print({k: [round(x, 4) for x in v] for k, v in mrc.items()})
+    (c1, i1, n1), (c2, i2, n2) = mrc["v1"], mrc["v2"]
+    assert c2 < c1 - 0.03                         # v2 reconstructs ground truth better
+    assert i2 - c2 > c2 - n2 and i2 > c2 > n2     # v2: inconsistency costs more than a dropped part gains
+    assert i1 - c1 < c1 - n1                      # v1: the opposite (why RL with v1 learns to drop parts)
 
 # -------------------------------------------------------------------------------------- 3. evaluate.py
 
@@ -388,6 +419,11 @@ def test_sft_lgm_smoke_writes_a_loadable_file(tmp_path):
     with torch.no_grad():
         g = lgm.reconstruct(views, reconstruct.standard_cameras(-toy.TOY.elevation, toy.TOY.radius))
     assert g.shape == (1, N_GAUSSIANS, 14) and torch.isfinite(g).all()
+    # --max-minutes stops early and saves: the record says which step the file is (how lgm-tiny-v2 was made)
+    sft.main(["lgm", "--steps", "5", "--bank", "4", "--batch-size", "2", "--workers", "1", "--device", "cpu",
+              "--max-minutes", "1e-9", "--out", str(out), "--log-dir", str(tmp_path / "log"), "--sample-every", "100"])
+    assert json.loads(out.with_suffix(".record.json").read_text())["step"] == 1
+    assert (tmp_path / "log" / "lgm_step000001.png").exists()
 
 
 def test_sft_lgm_init_continues_from_a_trained_lgm(tmp_path, shipped_lgm):
