@@ -176,11 +176,13 @@ def test_per_sample_generators_make_noise_independent_of_batching(policy):
     both = sample_trajectories(policy, PROMPTS, num_steps=3, guidance_scale=3.0, generator=gens([11, 12]))
     alone = [sample_trajectories(policy, [p], num_steps=3, guidance_scale=3.0, generator=gens([s]))
              for p, s in zip(PROMPTS, [11, 12])]
+    # the noise is bit-identical; the UNet's batched fp32 arithmetic is not (torch 2.15 on CPU: up to 1.1e-5),
+    # while noise drawn per batch instead of per sample would move the latents by O(0.1)
     for i, one in enumerate(alone):
         assert torch.equal(both["initial_noise"][i], one["initial_noise"][0])
-        torch.testing.assert_close(both["next_latents"][i], one["next_latents"][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(both["next_latents"][i], one["next_latents"][0], atol=1e-4, rtol=1e-4)
     swapped = sample_trajectories(policy, PROMPTS[::-1], num_steps=3, guidance_scale=3.0, generator=gens([12, 11]))
-    torch.testing.assert_close(swapped["next_latents"][1], both["next_latents"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(swapped["next_latents"][1], both["next_latents"][0], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="one per sample"):
         sample_trajectories(policy, PROMPTS, num_steps=3, guidance_scale=3.0, generator=gens([1]))
 
