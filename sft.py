@@ -182,7 +182,7 @@ def train_mvdream(args, device):
             torch._foreach_lerp_(ema_params, params, 1 - min(args.ema, (1 + step) / (10 + step)))
         if step % 100 == 0:
             log.append({"step": step, "loss": loss.item(), "time": time.time() - t0})
-        out_of_time = args.max_minutes and time.time() - t0 > 60 * args.max_minutes
+        out_of_time = _out_of_time(args, t0)
         if step % args.sample_every == 0 or step in snapshots or step == args.steps or out_of_time:
             _sample_grid(ema, args, step, device)
             tqdm.write(f"step {step}: loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
@@ -228,6 +228,10 @@ def _save_policy(policy, out, args, step, seconds, log):
     print(f"saved {out} at step {step} ({seconds / 60:.1f} min)")
 
 
+def _out_of_time(args, t0):
+    return args.max_minutes and time.time() - t0 > 60 * args.max_minutes  # --max-minutes: stop and save
+
+
 def _write_record(path, args, step, seconds, log, **extra):
     # What reproduces a shipped checkpoint: the arguments (incl. seed), the step, wall time and device.
     record = {"args": vars(args), "step": step, "seconds": round(seconds, 1), "loss_log": log[-20:],
@@ -271,7 +275,7 @@ def train_lgm(args, device):
         _optimize(opt, loss, lgm.parameters())
         if step % 100 == 0:
             log.append({"step": step, "mse": mse.item(), "lpips": lp.item(), "time": time.time() - t0})
-        out_of_time = args.max_minutes and time.time() - t0 > 60 * args.max_minutes
+        out_of_time = _out_of_time(args, t0)
         if step % args.sample_every == 0 or step == args.steps or out_of_time:
             n = min(4, args.batch_size)
             save_grid(os.path.join(args.log_dir, f"lgm_step{step:06d}.png"),

@@ -1,6 +1,6 @@
 # The shipped toy checkpoints (checkpoints/toy/) and the scripts that make and evaluate them (sft.py, evaluate.py).
 # Everything runs the real classes on CPU at the toy size; numbers quoted in comments were measured on this
-# 2-core CPU (GPU numbers from the lead's runs where stated).
+# 2-core CPU (GPU numbers from the records next to the checkpoints where stated).
 import json
 import math
 import shutil
@@ -191,12 +191,11 @@ def test_shipped_lgm_mrc_is_low_on_ground_truth_and_rises_when_a_view_is_swapped
     assert reward.MRCReward(untrained, alex, elevation=toy.TOY.elevation)(views)["mrc"].mean() > 2 * GT_MRC_MEAN_MAX
 
 
-
 def test_lgm_v2_loads_strictly_and_records_its_parent():
     lgm = reconstruct.LGM.from_pretrained(str(LGM_V2), config=None)
     on_disk = load_file(LGM_V2)
     assert lgm.config.name == "tiny" and set(on_disk) == set(lgm.state_dict())
-    record = json.loads(LGM_V2.with_name("lgm-tiny-v2.record.json").read_text())
+    record = json.loads(LGM_V2.with_suffix(".record.json").read_text())
     assert record["args"]["init"] == "checkpoints/toy/lgm-tiny.safetensors" and record["step"] > 1000
 
 
@@ -220,6 +219,7 @@ def test_lgm_v2_sees_inconsistency_more_than_simplicity(shipped_lgm, alex):
     assert c2 < c1 - 0.03                         # v2 reconstructs ground truth better
     assert i2 - c2 > c2 - n2 and i2 > c2 > n2     # v2: inconsistency costs more than a dropped part gains
     assert i1 - c1 < c1 - n1                      # v1: the opposite (why RL with v1 learns to drop parts)
+
 
 # -------------------------------------------------------------------------------------- 3. evaluate.py
 
