@@ -3,7 +3,7 @@
 #   python bench/epoch.py --device cuda            # paper setup (config.yaml), random weights, Carve3D's per-GPU
 #                                                  # load: 16 samples, 50 DDIM steps, CFG, KL, micro-batch 16
 #   python bench/epoch.py --device cpu --toy       # toy setup (toy.yaml, random tiny models): a quick check
-#   options: --samples N --micro M --steps S --modes eager,compiled --fp32-check --orbit
+#   options: --samples N --micro M --steps S --modes eager,compiled --fp32-check --orbit --set KEY=VALUE ...
 #
 # Per stage (sampling with the policy alone, the reference pass, VAE decode, LGM, render, crop + LPIPS, the PPO
 # update): seconds per sample, share of the epoch and peak GPU memory. Then the whole epoch as train.py runs it
@@ -62,7 +62,7 @@ class Stages:
 def config(args, compiled):
     over = [f"samples_per_epoch={args.samples}", f"micro_batch_size={args.micro}", f"num_steps={args.steps}",
             "random_init=true", f"device={args.device}", f"compile={str(compiled).lower()}", "num_train_prompts=4",
-            "stat_min_count=1", "stat_buffer_size=8", "log_images=0"]
+            "stat_min_count=1", "stat_buffer_size=8", "log_images=0"] + args.set
     return train.load_config(str(ROOT / ("toy.yaml" if args.toy else "config.yaml")), over)
 
 
@@ -205,6 +205,7 @@ def main():
     p.add_argument("--modes", default="eager,compiled", help="eager and/or compiled (compiled needs CUDA)")
     p.add_argument("--fp32-check", action="store_true", help="log-prob error of bf16 against an fp32 copy")
     p.add_argument("--orbit", action="store_true", help="also time view3d's 72-frame orbit of one object")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. attention=cudnn")
     args = p.parse_args()
     results = []
     for mode in args.modes.split(","):
