@@ -3,7 +3,8 @@
 #   python bench/epoch.py --device cuda            # paper setup (config.yaml), random weights, Carve3D's per-GPU
 #                                                  # load: 16 samples, 50 DDIM steps, CFG, KL, micro-batch 16
 #   python bench/epoch.py --device cpu --toy       # toy setup (toy.yaml, random tiny models): a quick check
-#   options: --samples N --micro M --steps S --modes eager,compiled --fp32-check --orbit --set KEY=VALUE ...
+#   options: --samples N --micro M --steps S --modes eager,compiled --fp32-check --orbit --profile PREFIX
+#            --set KEY=VALUE ...
 #
 # Per stage (sampling with the policy alone, the reference pass, VAE decode, LGM, render, crop + LPIPS, the PPO
 # update): seconds per sample, share of the epoch and peak GPU memory. Then the whole epoch as train.py runs it
@@ -131,12 +132,56 @@ def one_mode(args, compiled):
     out = {"mode": "compiled" if compiled else "eager", "warmup_s": warmup, "stages": st.t, "mem": st.mem,
            "epoch_s": whole, "mfu": mfu, "samples_per_s": len(prompts) / whole, "on_policy": info,
            "peak_tflops": throughput.peak / 1e12}
+    if args.profile:
+        out["profile"] = profile_stages(dataclasses.replace(cfg, num_steps=3), policy, prompts, autocast, params,
+                                        optimizer, plan, device, f"{args.profile}_{out['mode']}")
     if args.fp32_check:
         out["fp32"] = fp32_logprob_error(cfg, policy, samples, device)
     if args.orbit:
         out["orbit"] = orbit_cost(reward_fn, samples["views"][:1], cfg.elevation, device)
     del policy, reward_fn
     return out
+
+
+def profile_stages(cfg, policy, prompts, autocast, params, optimizer, plan, device, prefix):
+    # Is the GPU ever idle? Sampling (with the reference) and the update of a 3-step epoch under torch.profiler:
+    # busy = summed kernel time / wall time (one stream: kernels do not overlap), the top kernels, and a Chrome
+    # trace per stage (prefix_sampling.json, prefix_update.json; open in chrome://tracing or Perfetto).
+    from torch.profiler import ProfilerActivity, profile
+    prompts = prompts[:cfg.micro_batch_size]
+    gens = lambda: [make_generator("cpu", cfg.seed, "bench", j) for j in range(len(prompts))]  # noqa: E731
+    kw = dict(num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta, with_reference=True)
+    with torch.no_grad(), autocast():
+        samples = sample_trajectories(policy, prompts, generator=gens(), **kw)  # (compiled at these shapes already)
+    upd = dataclasses.replace(plan, samples_per_epoch=len(prompts), num_steps=cfg.num_steps)
+    adv = torch.randn(len(prompts), generator=torch.Generator().manual_seed(0))
+    stages = {
+        "sampling": lambda: _no_grad_autocast(autocast, sample_trajectories, policy, prompts, generator=gens(), **kw),
+        "update": lambda: ppo_update(policy, policy, {k: samples[k] for k in train.TRAIN_KEYS}, adv, optimizer, upd,
+                                     eta=cfg.eta, guidance_scale=cfg.guidance_scale, train_cfg=True,
+                                     clip_range=cfg.clip_range, adv_clip_max=5.0, max_grad_norm=1.0,
+                                     generator=torch.Generator().manual_seed(0), autocast=autocast, params=params)}
+    out = {}
+    for name, fn in stages.items():
+        devices.sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            fn()
+            devices.sync(device)
+            wall = time.perf_counter() - t0
+        kernels = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA")]
+        kernel_s = sum(e.self_device_time_total for e in kernels) / 1e6
+        top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
+        out[name] = {"wall_s": wall, "kernel_s": kernel_s, "busy": kernel_s / wall,
+                     "top": [(e.key[:90], round(e.self_device_time_total / 1e3, 2), e.count) for e in top]}
+        prof.export_chrome_trace(f"{prefix}_{name}.json")
+        print(f"profile {name}: wall {wall:.3f} s, kernels {kernel_s:.3f} s, GPU busy {kernel_s / wall:.0%}", flush=True)
+    return out
+
+
+def _no_grad_autocast(autocast, fn, *a, **kw):
+    with torch.no_grad(), autocast():
+        return fn(*a, **kw)
 
 
 def fp32_logprob_error(cfg, policy, samples, device):
@@ -193,6 +238,10 @@ def report(results, args):
             print(f"  bf16 vs fp32 log-probs on the same transitions: {r['fp32']}")
         if "orbit" in r:
             print(f"  orbit: {r['orbit']}")
+        for stage, prof in r.get("profile", {}).items():
+            print(f"  profile {stage}: GPU busy {prof['busy']:.0%} of {prof['wall_s']:.3f} s; top kernels (ms, calls):")
+            for name, ms, calls in prof["top"]:
+                print(f"    {ms:9.2f} {calls:5d}  {name}")
 
 
 def main():
@@ -205,6 +254,8 @@ def main():
     p.add_argument("--modes", default="eager,compiled", help="eager and/or compiled (compiled needs CUDA)")
     p.add_argument("--fp32-check", action="store_true", help="log-prob error of bf16 against an fp32 copy")
     p.add_argument("--orbit", action="store_true", help="also time view3d's 72-frame orbit of one object")
+    p.add_argument("--profile", metavar="PREFIX", help="also profile a 3-step sampling call and update: GPU busy "
+                   "fraction, top kernels, Chrome traces PREFIX_<mode>_<stage>.json")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. attention=cudnn")
     args = p.parse_args()
     results = []
