@@ -25,6 +25,8 @@ time of the run that made it):
     python sft.py mvdream --vae checkpoints/toy/vae-tiny --bank 12288 --steps 4500 --compile \
         --snapshot 900:checkpoints/toy/sft-base --out checkpoints/toy/sft-long       # shipped: 4.2 min on one H200
 sft-base is the RL starting point; sft-long is the same run continued 5x longer (the "longer SFT" baseline).
+A run longer than one GPU call: repeat the same command with --state FILE --max-minutes M; each call saves the
+model at the step it reached and continues exactly where the previous one stopped (tests/test_toy_models.py).
 The MVDream step is launch-bound on a GPU (512 objects per step run at ~19 steps/s on an H200, 128 at ~15), so
 the default batch is large.
 A quick CPU smoke run: python sft.py vae --steps 20 --bank 64 --batch-size 8 --out outputs/vae-smoke, then
@@ -165,8 +167,10 @@ def train_mvdream(args, device):
     snapshots = {int(k): v for k, v in (s.split(":", 1) for s in args.snapshot)}
     print(f"tiny MVDream: {sum(p.numel() for p in params) / 1e6:.2f} M trainable params, bank {args.bank} examples, "
           f"{bank['independent'].float().mean():.2f} with independent views")
-    t0, log = time.time(), []
-    for step in tqdm(range(1, args.steps + 1), desc="sft mvdream"):
+    start, seconds, log = _load_state(args, policy, ema, opt, g, latents)  # --state: continue a stopped run
+    t0, step = time.time() - seconds, start  # t0: the run's start, counting earlier calls
+    call_start = time.time()                 # --max-minutes counts this call only
+    for step in tqdm(range(start + 1, args.steps + 1), desc="sft mvdream", initial=start, total=args.steps):
         idx = torch.randint(len(latents), (args.batch_size,), generator=g, device=device)
         # CFG dropout: the empty prompt is the unconditional branch at sampling time (MVDream scripts/t2i.py).
         drop = torch.rand(args.batch_size, 1, generator=g, device=device) < args.cfg_dropout
@@ -182,7 +186,7 @@ def train_mvdream(args, device):
             torch._foreach_lerp_(ema_params, params, 1 - min(args.ema, (1 + step) / (10 + step)))
         if step % 100 == 0:
             log.append({"step": step, "loss": loss.item(), "time": time.time() - t0})
-        out_of_time = _out_of_time(args, t0)
+        out_of_time = _out_of_time(args, call_start)
         if step % args.sample_every == 0 or step in snapshots or step == args.steps or out_of_time:
             _sample_grid(ema, args, step, device)
             tqdm.write(f"step {step}: loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
@@ -191,6 +195,47 @@ def train_mvdream(args, device):
         if out_of_time:  # the final checkpoint is this step's (its record says which step it is)
             break
     _save_policy(ema, args.out, args, step, time.time() - t0, log)
+    if args.state:
+        _save_state(args, policy, ema, opt, g, latents, step, time.time() - t0, log)
+
+
+# Exact resume across GPU calls (--state FILE): the raw and EMA weights, AdamW's moments, the generator, the step
+# and the log, written atomically when a call stops (--max-minutes or the last step) and read by the next call
+# with the same arguments, which continues as if never stopped. The example bank is remade from the seed; a
+# checksum of its latents guards against a bank that came out different.
+SAME_FOR_RESUME = ("vae", "independent_fraction", "steps", "batch_size", "lr", "warmup", "ema", "cfg_dropout",
+                   "bank", "seed")
+
+
+def _load_state(args, policy, ema, opt, g, latents):
+    if not args.state or not os.path.isfile(args.state):
+        return 0, 0.0, []
+    state = torch.load(args.state, map_location="cpu", weights_only=False)
+    changed = [f"{k} (saved {state['args'][k]!r}, now {getattr(args, k)!r})" for k in SAME_FOR_RESUME
+               if state["args"][k] != getattr(args, k)]
+    if changed:
+        raise ValueError(f"--state {args.state}: the run was saved with other arguments: {', '.join(changed)}; "
+                         "pass the saved values, or another --state file to start a new run")
+    checksum = latents.double().sum().item()
+    if abs(checksum - state["bank_checksum"]) > 1e-6 * max(1.0, abs(checksum)):
+        raise ValueError(f"--state {args.state}: the remade example bank differs from the saved run's (latent sum "
+                         f"{checksum} vs {state['bank_checksum']}): toy.py, the VAE or the bank arguments changed")
+    policy.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["optimizer"])
+    g.set_state(state["generator"])
+    print(f"resumed {args.state} at step {state['step']} ({state['seconds'] / 60:.1f} min so far)")
+    return state["step"], state["seconds"], state["log"]
+
+
+def _save_state(args, policy, ema, opt, g, latents, step, seconds, log):
+    state = {"args": vars(args), "step": step, "seconds": seconds, "log": log, "model": policy.state_dict(),
+             "ema": ema.state_dict(), "optimizer": opt.state_dict(), "generator": g.get_state(),
+             "bank_checksum": latents.double().sum().item()}
+    os.makedirs(os.path.dirname(os.path.abspath(args.state)), exist_ok=True)
+    torch.save(state, args.state + ".tmp")
+    os.replace(args.state + ".tmp", args.state)  # atomic: a killed call leaves the previous state intact
+    print(f"saved training state {args.state} at step {step}")
 
 
 def _denoise_loss(policy, x0, ids, t, noise):
@@ -229,7 +274,7 @@ def _save_policy(policy, out, args, step, seconds, log):
 
 
 def _out_of_time(args, t0):
-    return args.max_minutes and time.time() - t0 > 60 * args.max_minutes  # --max-minutes: stop and save
+    return args.max_minutes and time.time() - t0 > 60 * args.max_minutes  # --max-minutes (this call): stop and save
 
 
 def _write_record(path, args, step, seconds, log, **extra):
@@ -301,6 +346,8 @@ def main(argv=None):
     p.add_argument("--kl-weight", type=float, default=1e-6, help="vae: KL weight (LDM's, see train_vae)")
     p.add_argument("--compile", action="store_true", help="mvdream: torch.compile the loss (GPU: fewer launches)")
     p.add_argument("--max-minutes", type=float, default=0, help="mvdream, lgm: stop (and save) after this long (0: never)")
+    p.add_argument("--state", help="mvdream: training-state file to continue from if it exists, written when this "
+                   "call stops (exact resume across calls: pair with --max-minutes)")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     p.add_argument("--snapshot", action="append", default=[], metavar="STEP:DIR",
                    help="mvdream: also save the model at STEP into DIR (repeatable)")
@@ -321,6 +368,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.init and args.model != "lgm":
         raise ValueError("--init applies to `sft.py lgm` only")
+    if args.state and args.model != "mvdream":
+        raise ValueError("--state applies to `sft.py mvdream` only")
     args.batch_size = args.batch_size or {"vae": 128, "mvdream": 512, "lgm": 32}[args.model]
     args.lr = args.lr or (5e-4 if args.model == "vae" else 1e-3)
     os.makedirs(args.log_dir, exist_ok=True)

@@ -408,6 +408,30 @@ def test_sft_mvdream_smoke_writes_loadable_snapshot_and_final_checkpoints(tmp_pa
     assert sorted(p.name for p in log.glob("*.png")) == ["mvdream_step000002.png", "mvdream_step000003.png"]
 
 
+def test_sft_mvdream_state_resumes_exactly_where_a_stopped_call_left_off(tmp_path):
+    # one call of 4 steps vs a call stopped after its first step (--max-minutes) and a second call resuming it
+    common = ["mvdream", "--steps", "4", "--bank", "8", "--batch-size", "2", "--workers", "1", "--device", "cpu",
+              "--warmup", "2", "--log-dir", str(tmp_path / "log"), "--sample-every", "100"]
+    whole, split = tmp_path / "whole.pt", tmp_path / "split.pt"
+    sft.main(common + ["--out", str(tmp_path / "a"), "--state", str(whole)])
+    sft.main(common + ["--out", str(tmp_path / "b"), "--state", str(split), "--max-minutes", "1e-9"])
+    first = torch.load(split, weights_only=False)
+    assert first["step"] == 1 and json.loads((tmp_path / "b" / "sft_record.json").read_text())["step"] == 1
+    sft.main(common + ["--out", str(tmp_path / "b"), "--state", str(split)])
+    a, b = torch.load(whole, weights_only=False), torch.load(split, weights_only=False)
+    assert a["step"] == b["step"] == 4 and [e["step"] for e in b["log"]] == [e["step"] for e in a["log"]]
+    for key in ("model", "ema"):  # raw and EMA weights, bit for bit
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+        assert not all(torch.equal(first[key][k], b[key][k]) for k in a[key])  # the second call trained
+    moments = lambda s: [t for st in s["optimizer"]["state"].values() for t in (st["exp_avg"], st["exp_avg_sq"])]  # noqa: E731
+    assert all(torch.equal(x, y) for x, y in zip(moments(a), moments(b)))
+    assert torch.equal(a["generator"], b["generator"])
+    with pytest.raises(ValueError, match=r"other arguments: lr \(saved 0.001, now 0.002\)"):
+        sft.main(common + ["--out", str(tmp_path / "c"), "--state", str(split), "--lr", "2e-3"])
+    with pytest.raises(ValueError, match="--state applies to `sft.py mvdream` only"):
+        sft.main(["lgm", "--state", str(split), "--out", str(tmp_path / "x")])
+
+
 def test_sft_lgm_smoke_writes_a_loadable_file(tmp_path):
     out = tmp_path / "lgm.safetensors"
     sft.main(["lgm", "--steps", "2", "--bank", "4", "--batch-size", "2", "--workers", "1", "--device", "cpu",
