@@ -13,6 +13,8 @@ two checkpoints are compared on identical noise, as Carve3D compares base and fi
              size, shape) and its part (colour, size, shape, side; hidden where ground truth hides it) and
              nothing else, against ground-truth renders of the prompt at that camera (1 = matches, 0 = empty
              or wrong main colour; formula at the top of fidelity.py).
+  size_spread toy world only: fidelity.size_spread, how much the main object's size changes from view to view
+             (0 for one object; ~0.25 for 4 independent instances), an inconsistency that needs no LGM.
   diversity  mean over prompts of the mean pairwise LPIPS-AlexNet between the samples of that prompt
              (averaged over the 4 views); Carve3D's claim is that RL keeps it while longer SFT loses it.
 Writes metrics.json and grid.png (first sample of each of the first 8 prompts, captioned with MRC); with --orbit N
@@ -32,7 +34,7 @@ import torch
 from diffusers import AutoencoderKL
 
 import toy
-from fidelity import fidelity
+from fidelity import fidelity, size_spread
 from mvdream import MVDreamPolicy
 from reconstruct import LGM
 from reward import MRCReward, load_lpips
@@ -96,8 +98,10 @@ def evaluate(args, device):
                "mrc_mean": mrc.mean().item(), "mrc_std": mrc.std().item() if len(mrc) > 1 else 0.0,
                "diversity": diversity(views, lpips_model)}
     if args.prompts.startswith("toy:"):
-        fid = fidelity(flat.cpu(), [p for p in prompts for _ in range(args.seeds)], args.elevation)
-        metrics.update(fidelity_mean=fid.mean().item(), fidelity_std=fid.std().item() if len(fid) > 1 else 0.0)
+        per_sample = [p for p in prompts for _ in range(args.seeds)]
+        fid = fidelity(flat.cpu(), per_sample, args.elevation)
+        metrics.update(fidelity_mean=fid.mean().item(), fidelity_std=fid.std().item() if len(fid) > 1 else 0.0,
+                       size_spread=size_spread(flat.cpu(), per_sample, args.elevation).mean().item())
     metrics["source"] = ({"ground_truth": True, "through_vae": args.through_vae} if args.ground_truth
                          else {"checkpoint": args.checkpoint, "lora": args.lora})
     metrics["options"] = {k: v for k, v in vars(args).items() if k not in ("out",)}

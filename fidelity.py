@@ -318,18 +318,10 @@ def fidelity(views: torch.Tensor, prompts: list[str], elevation: float = toy.TOY
     [0, 1]; 1 = every view shows the prompt's objects as ground truth does. per_check=True also returns
     {check name: (B, 4) per-view check values in [0, 1], "view": (B, 4) per-view scores} (formula: top of file)."""
     _check_inputs(views, prompts, elevation)
-    parsed = [toy.parse_prompt(p) for p in prompts]
-    b, _, _, h, _ = views.shape
-    if b == 0:
+    if views.shape[0] == 0:
         empty = views.new_zeros(0)
         return (empty, {k: views.new_zeros(0, 4) for k in CHECKS + ("view",)}) if per_check else empty
-    per_prompt = [_expected(p, elevation, h) for p in parsed]
-    exp = {k: torch.stack([e[k] for e in per_prompt]) for k in per_prompt[0]}
-    main_idx = torch.tensor([toy.COLORS.index(p.color) for p in parsed])
-    part_idx = torch.tensor([toy.COLORS.index(p.part_color) if p.has_part else -1 for p in parsed])
-    flat = views.detach().float().cpu().clamp(0.0, 1.0).flatten(0, 1)
-    obs = _measure(flat, main_idx.repeat_interleave(4), part_idx.repeat_interleave(4))
-    obs = {k: v.view(b, 4, *v.shape[1:]) for k, v in obs.items()}
+    parsed, exp, obs, part_idx = _observe(views, prompts, elevation)
     shape_idx = torch.tensor([toy.SHAPES.index(p.shape) for p in parsed])
     part_shape_idx = torch.tensor([toy.SHAPES.index(p.part_shape) if p.has_part else 0 for p in parsed])
     checks = _checks(obs, exp, shape_idx, part_shape_idx, part_idx >= 0)
@@ -338,6 +330,31 @@ def fidelity(views: torch.Tensor, prompts: list[str], elevation: float = toy.TOY
         per_view = per_view * (1 - w * (1 - checks[name]))
     score = per_view.mean(1).to(views.device)
     return (score, {**checks, "view": per_view}) if per_check else score
+
+
+def _observe(views, prompts, elevation):
+    # measurements of every view (B, 4, ...) and what ground truth of each prompt shows there
+    parsed = [toy.parse_prompt(p) for p in prompts]
+    b, h = views.shape[0], views.shape[-1]
+    per_prompt = [_expected(p, elevation, h) for p in parsed]
+    exp = {k: torch.stack([e[k] for e in per_prompt]) for k in per_prompt[0]}
+    main_idx = torch.tensor([toy.COLORS.index(p.color) for p in parsed])
+    part_idx = torch.tensor([toy.COLORS.index(p.part_color) if p.has_part else -1 for p in parsed])
+    flat = views.detach().float().cpu().clamp(0.0, 1.0).flatten(0, 1)
+    obs = _measure(flat, main_idx.repeat_interleave(4), part_idx.repeat_interleave(4))
+    return parsed, exp, {k: v.view(b, 4, *v.shape[1:]) for k, v in obs.items()}, part_idx
+
+
+def size_spread(views: torch.Tensor, prompts: list[str], elevation: float = toy.TOY.elevation):
+    """Cross-view inconsistency of size, measured without any reconstruction: per sample, the std over its 4
+    views of log(main object's area / ground truth's mean area at that view) -> (B,). One object seen from 4
+    cameras keeps the ratio nearly constant (its size is one draw); 4 instances of the prompt (sft.py's
+    independent examples) do not. An absent main object counts as 4 pixels."""
+    _check_inputs(views, prompts, elevation)
+    if views.shape[0] == 0:
+        return views.new_zeros(0)
+    _, exp, obs, _ = _observe(views, prompts, elevation)
+    return (obs["main_area"].clamp(min=4.0) / exp["main_area"]).log().std(1).to(views.device)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -232,7 +232,7 @@ def check_metrics_and_grid(out, num_prompts=2, seeds=2):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_prompts"] == num_prompts and metrics["samples_per_prompt"] == seeds
     assert math.isfinite(metrics["mrc_mean"]) and metrics["mrc_mean"] >= 0 and metrics["mrc_std"] >= 0
-    assert 0 <= metrics["fidelity_mean"] <= 1
+    assert 0 <= metrics["fidelity_mean"] <= 1 and metrics["size_spread"] >= 0
     assert math.isfinite(metrics["diversity"]) and metrics["diversity"] >= 0
     grid = Image.open(out / "grid.png")
     assert grid.size == (4 * RES, num_prompts * (RES + CAPTION_PX)) and grid.mode == "RGB"
@@ -277,6 +277,8 @@ def test_evaluate_ground_truth_matches_an_independent_recomputation(tmp_path, sh
     assert metrics["mrc_mean"] == pytest.approx(mrc.mean().item(), abs=1e-5)
     fid = fidelity.fidelity(views, [p for p in prompts for _ in range(2)])
     assert metrics["fidelity_mean"] == pytest.approx(fid.mean().item(), abs=1e-6)
+    spread = fidelity.size_spread(views, [p for p in prompts for _ in range(2)])
+    assert metrics["size_spread"] == pytest.approx(spread.mean().item(), abs=1e-6) and metrics["size_spread"] < 0.2
     with torch.no_grad():
         div = torch.stack([alex(views[2 * i + 0], views[2 * i + 1], normalize=True).flatten() for i in range(2)])
     assert metrics["diversity"] == pytest.approx(div.mean().item(), abs=1e-5)
