@@ -201,14 +201,17 @@ def train_mvdream(args, device):
 
 # Exact resume across GPU calls (--state FILE): the raw and EMA weights, AdamW's moments, the generator, the step
 # and the log, written atomically when a call stops (--max-minutes or the last step) and read by the next call
-# with the same arguments, which continues as if never stopped. The example bank is remade from the seed; a
-# checksum of its latents guards against a bank that came out different.
+# with the same arguments, which continues as if never stopped (bit for bit on the CPU; on a GPU the remade bank's
+# renders can differ in their last bits, as the rasterizer accumulates with atomic adds). The example bank is
+# remade from the seed; a checksum of its latents guards against a bank that came out different.
 SAME_FOR_RESUME = ("vae", "independent_fraction", "steps", "batch_size", "lr", "warmup", "ema", "cfg_dropout",
                    "bank", "seed")
 
 
 def _load_state(args, policy, ema, opt, g, latents):
     if not args.state or not os.path.isfile(args.state):
+        if args.state:
+            print(f"no training state at {args.state}: starting a new run (saved there when this call stops)")
         return 0, 0.0, []
     state = torch.load(args.state, map_location="cpu", weights_only=False)
     changed = [f"{k} (saved {state['args'][k]!r}, now {getattr(args, k)!r})" for k in SAME_FOR_RESUME
