@@ -5,6 +5,9 @@
     python evaluate.py --ground-truth --out outputs/eval/gt          # the toy world's own renders
     python evaluate.py --ground-truth --through-vae checkpoints/toy/vae-tiny --out outputs/eval/gt-vae
     python evaluate.py --robustness --out outputs/eval/robustness    # MRC under controlled inconsistency
+    python evaluate.py --num-prompts 64 --seeds 4 --out outputs/eval/table --table gt=ground-truth \
+        gt-vae=ground-truth+checkpoints/toy/vae-tiny sft-base=checkpoints/toy/sft-base \
+        sft-long=checkpoints/toy/sft-long rl-cpu=checkpoints/toy/sft-base+checkpoints/toy/rl-cpu  # README table
 
 Every prompt gets --seeds samples from fixed initial noise (seeded by prompt index and sample index), so
 two checkpoints are compared on identical noise, as Carve3D compares base and finetuned models (Fig. 3).
@@ -118,6 +121,30 @@ def evaluate(args, device):
     return metrics
 
 
+def table(args, device):
+    # --table NAME=SOURCE ...: every row on the same prompts and noise, in one process; writes table.md and
+    # NAME/metrics.json. SOURCE: ground-truth, ground-truth+VAE_DIR, CHECKPOINT or CHECKPOINT+LORA.
+    rows, lines = {}, ["| model | MRC (lower = more consistent) | fidelity | size spread | diversity |",
+                       "| --- | --- | --- | --- | --- |"]
+    for spec in args.table:
+        name, sep, source = spec.partition("=")
+        if not sep or not name or not source:
+            raise ValueError(f"--table {spec!r}: write NAME=SOURCE, SOURCE being ground-truth, ground-truth+VAE_DIR, "
+                             "CHECKPOINT or CHECKPOINT+LORA")
+        first, _, second = source.partition("+")
+        gt = first == "ground-truth"
+        row = argparse.Namespace(**{**vars(args), "out": os.path.join(args.out, name), "ground_truth": gt,
+                                    "through_vae": second or None if gt else None,
+                                    "checkpoint": None if gt else first, "lora": None if gt else second or None})
+        m = rows[name] = evaluate(row, device)
+        lines.append(f"| {name} | {m['mrc_mean']:.3f} ± {m['mrc_std']:.3f} | {m.get('fidelity_mean', float('nan')):.3f} "
+                     f"| {m.get('size_spread', float('nan')):.3f} | {m['diversity']:.3f} |")
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # Robustness of MRC (Carve3D Sec. 3, "controlled inconsistency"): distort one of 4 consistent views by
 # an increasing amount; a good inconsistency metric rises monotonically with the amount.
@@ -160,6 +187,8 @@ def main(argv=None):
     what.add_argument("--checkpoint", help="MVDream checkpoint: our toy folder, an MVDream file/folder or hub id")
     what.add_argument("--ground-truth", action="store_true", help="evaluate the toy world's ground-truth renders")
     what.add_argument("--robustness", action="store_true", help="MRC under controlled inconsistency (toy world)")
+    what.add_argument("--table", nargs="+", metavar="NAME=SOURCE", help="several rows on identical noise, one "
+                      "process: SOURCE = ground-truth, ground-truth+VAE_DIR, CHECKPOINT or CHECKPOINT+LORA")
     p.add_argument("--through-vae", metavar="DIR", help="with --ground-truth: pass the renders through this toy "
                    "VAE (AutoencoderKL folder), as a latent model sees its data")
     p.add_argument("--lora", help="LoRA weights to add (a train.py checkpoint dir or pytorch_lora_weights.safetensors)")
@@ -176,9 +205,8 @@ def main(argv=None):
     p.add_argument("--orbit-size", type=int, default=ORBIT_SIZE, help="orbit GIF frame size in pixels")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    if args.robustness:
-        robustness(args, device)
-        return
+    if args.robustness or args.table:
+        return robustness(args, device) if args.robustness else table(args, device)
     if args.through_vae and not args.ground_truth:
         raise ValueError("--through-vae applies to --ground-truth only (a checkpoint decodes with its own VAE)")
     if args.seeds < 1:

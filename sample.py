@@ -25,6 +25,17 @@ from support.devices import autocast
 from support.seeding import make_generator
 
 
+def alphas_cumprod_on(scheduler, device):
+    """The schedule's alpha_bar on `device`, copied once and kept on the scheduler. A copy of the CPU tensor at
+    every step would be a blocking host-to-device copy, i.e. a host sync per DDIM step: the GPU would idle while
+    the next UNet call is launched."""
+    cached = getattr(scheduler, "_alphas_cumprod_on_device", None)
+    if cached is None or cached.device != torch.device(device):
+        cached = scheduler.alphas_cumprod.to(device, torch.float32)
+        scheduler._alphas_cumprod_on_device = cached
+    return cached
+
+
 def ddim_mean_std(scheduler, model_output, timestep, sample, eta):
     """Mean and std of the DDIM step's Gaussian p(x_t' | x_t) (Song et al. 2021 eq. 12 and 16), in fp32."""
     cfg = scheduler.config
@@ -40,7 +51,7 @@ def ddim_mean_std(scheduler, model_output, timestep, sample, eta):
     # Clamped previous timestep: at the last step t' = 0, so alpha_bar_prev = alpha_bar_0 (never 1) and
     # sigma_t > 0 at every step (as DDPO's clamp).
     t_prev = (t - N // scheduler.num_inference_steps).clamp(0, N - 1)
-    alphas = scheduler.alphas_cumprod.to(x.device, torch.float32)
+    alphas = alphas_cumprod_on(scheduler, x.device)
     shape = (B,) + (1,) * (x.dim() - 1)
     a_t, a_prev = alphas[t].view(shape), alphas[t_prev].view(shape)
 

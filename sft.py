@@ -51,7 +51,7 @@ import reconstruct
 import toy
 from mvdream import TINY_VAE_CONFIG, MVDreamPolicy
 from reward import load_lpips
-from sample import sample_trajectories
+from sample import alphas_cumprod_on, sample_trajectories
 from support.devices import autocast
 from support.images import save_grid
 from support.prompts import load_prompts
@@ -163,6 +163,7 @@ def train_mvdream(args, device):
     ids = policy.tokenize(bank["prompts"]).to(device)
     empty = policy.tokenize([""]).to(device)
     loss_fn = torch.compile(_denoise_loss) if args.compile else _denoise_loss
+    alphas = alphas_cumprod_on(policy.scheduler, device)  # on the device once (no host sync per step)
     g = make_generator(device, args.seed, "sft-mvdream")
     snapshots = {int(k): v for k, v in (s.split(":", 1) for s in args.snapshot)}
     print(f"tiny MVDream: {sum(p.numel() for p in params) / 1e6:.2f} M trainable params, bank {args.bank} examples, "
@@ -180,7 +181,7 @@ def train_mvdream(args, device):
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step)
         with autocast(device):
-            loss = loss_fn(policy, latents[idx], torch.where(drop, empty, ids[idx]), t, noise)
+            loss = loss_fn(policy, alphas, latents[idx], torch.where(drop, empty, ids[idx]), t, noise)
         _optimize(opt, loss, params)
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - min(args.ema, (1 + step) / (10 + step)))
@@ -241,8 +242,8 @@ def _save_state(args, policy, ema, opt, g, latents, step, seconds, log):
     print(f"saved training state {args.state} at step {step}")
 
 
-def _denoise_loss(policy, x0, ids, t, noise):
-    a = policy.scheduler.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1, 1)
+def _denoise_loss(policy, alphas, x0, ids, t, noise):
+    a = alphas[t].view(-1, 1, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
     emb = policy.text_encoder(ids).last_hidden_state
     return F.mse_loss(policy(xt, t, emb, guidance_scale=1.0).float(), noise)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mvdream import MVDreamPolicy, make_scheduler
-from sample import ddim_mean_std, ddim_step_with_logprob, sample_trajectories
+from sample import alphas_cumprod_on, ddim_mean_std, ddim_step_with_logprob, sample_trajectories
 
 VOCAB = ["a", "red", "blue", "green", "cube", "ball"]
 PROMPTS = ["a red cube", "a blue ball"]
@@ -186,3 +186,11 @@ def test_per_sample_generators_make_noise_independent_of_batching(policy):
     with pytest.raises(ValueError, match="one per sample"):
         sample_trajectories(policy, PROMPTS, num_steps=3, guidance_scale=3.0, generator=gens([1]))
 
+
+
+def test_alpha_bar_is_copied_to_another_device_once():
+    # a host-to-device copy per DDIM step would be a host sync per step on a GPU; the meta device stands in for it
+    scheduler = make_scheduler()
+    on_meta = alphas_cumprod_on(scheduler, torch.device("meta"))
+    assert alphas_cumprod_on(scheduler, torch.device("meta")) is on_meta and on_meta.shape == (1000,)
+    assert torch.equal(alphas_cumprod_on(scheduler, torch.device("cpu")), scheduler.alphas_cumprod.float())

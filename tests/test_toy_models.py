@@ -465,3 +465,20 @@ def test_sft_lgm_init_continues_from_a_trained_lgm(tmp_path, shipped_lgm):
     assert json.loads(out.with_suffix(".record.json").read_text())["args"]["init"] == str(LGM_FILE)
     with pytest.raises(ValueError, match="--init applies to `sft.py lgm` only"):
         sft.main(["mvdream", "--init", str(LGM_FILE), "--out", str(tmp_path / "x")])
+
+
+def test_evaluate_table_rows_equal_single_evaluations(tmp_path, base_eval):
+    rl_lora = CKPT / "rl-cpu"
+    out = tmp_path / "table"
+    rows = evaluate.main(eval_args(out, "--table", "gt=ground-truth", f"base={SFT_BASE}",
+                                   f"rl={SFT_BASE}+{rl_lora}"))
+    single = json.loads((base_eval / "metrics.json").read_text())
+    for key in ("mrc_mean", "fidelity_mean", "size_spread", "diversity"):  # same prompts, same noise
+        assert rows["base"][key] == pytest.approx(single[key], abs=1e-6)
+    assert rows["gt"]["source"] == {"ground_truth": True, "through_vae": None}
+    assert rows["rl"]["source"] == {"checkpoint": str(SFT_BASE), "lora": str(rl_lora)}
+    assert rows["rl"]["mrc_mean"] != rows["base"]["mrc_mean"]
+    lines = (out / "table.md").read_text().splitlines()
+    assert len(lines) == 5 and lines[2].startswith("| gt | ") and (out / "rl" / "metrics.json").exists()
+    with pytest.raises(ValueError, match="write NAME=SOURCE"):
+        evaluate.main(eval_args(tmp_path / "bad", "--table", str(SFT_BASE)))
