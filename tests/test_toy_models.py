@@ -482,3 +482,19 @@ def test_evaluate_table_rows_equal_single_evaluations(tmp_path, base_eval):
     assert len(lines) == 5 and lines[2].startswith("| gt | ") and (out / "rl" / "metrics.json").exists()
     with pytest.raises(ValueError, match="write NAME=SOURCE"):
         evaluate.main(eval_args(tmp_path / "bad", "--table", str(SFT_BASE)))
+
+
+def test_sft_state_refuses_a_bank_that_came_out_different(tmp_path, monkeypatch):
+    common = ["mvdream", "--steps", "2", "--bank", "8", "--batch-size", "2", "--workers", "1", "--device", "cpu",
+              "--warmup", "1", "--log-dir", str(tmp_path / "log"), "--sample-every", "100", "--out", str(tmp_path / "m"),
+              "--state", str(tmp_path / "s.pt"), "--max-minutes", "1e-9"]
+    sft.main(common)
+    make_bank = sft.make_bank
+
+    def shifted(*a, **kw):  # as if toy.py had changed: every rendered pixel a little darker
+        bank = make_bank(*a, **kw)
+        return dict(bank, views=(bank["views"] * 0.98).clamp(0, 1))
+
+    monkeypatch.setattr(sft, "make_bank", shifted)
+    with pytest.raises(ValueError, match="the remade example bank differs"):
+        sft.main(common)
