@@ -3,7 +3,7 @@
 #   python bench/epoch.py --device cuda            # paper setup (config.yaml), random weights, Carve3D's per-GPU
 #                                                  # load: 16 samples, 50 DDIM steps, CFG, KL, micro-batch 16
 #   python bench/epoch.py --device cpu --toy       # toy setup (toy.yaml, random tiny models): a quick check
-#   options: --samples N --micro M --steps S --modes eager,compiled --fp32-check --orbit --profile PREFIX
+#   options: --samples N --micro M --steps S --modes eager,compiled --fp32-check --orbit --profile PREFIX --syncs
 #            --set KEY=VALUE ...
 #
 # Per stage (sampling with the policy alone, the reference pass, VAE decode, LGM, render, crop + LPIPS, the PPO
@@ -19,6 +19,8 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo's modules, not this folder's
@@ -135,6 +137,8 @@ def one_mode(args, compiled):
     if args.profile:
         out["profile"] = profile_stages(dataclasses.replace(cfg, num_steps=3), policy, prompts, autocast, params,
                                         optimizer, plan, device, f"{args.profile}_{out['mode']}")
+    if args.syncs:
+        out["syncs"] = count_syncs(lambda: epoch(dataclasses.replace(cfg, num_steps=3), Stages(device)))
     if args.fp32_check:
         out["fp32"] = fp32_logprob_error(cfg, policy, samples, device)
     if args.orbit:
@@ -177,6 +181,21 @@ def profile_stages(cfg, policy, prompts, autocast, params, optimizer, plan, devi
         prof.export_chrome_trace(f"{prefix}_{name}.json")
         print(f"profile {name}: wall {wall:.3f} s, kernels {kernel_s:.3f} s, GPU busy {kernel_s / wall:.0%}", flush=True)
     return out
+
+
+def count_syncs(fn):
+    # Host syncs while fn runs (a 3-step epoch), counted by the Python line that caused each: CUDA's sync debug
+    # mode warns at every synchronising operation. Expected: one per reward micro-batch (crop boxes), a few per
+    # update (the skip decision, the logged means) and Stages' own timing syncs; none per denoising step.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    lines = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return dict(lines.most_common(20))
 
 
 def _no_grad_autocast(autocast, fn, *a, **kw):
@@ -238,6 +257,8 @@ def report(results, args):
             print(f"  bf16 vs fp32 log-probs on the same transitions: {r['fp32']}")
         if "orbit" in r:
             print(f"  orbit: {r['orbit']}")
+        if "syncs" in r:
+            print(f"  host syncs in a 3-step epoch, by line: {r['syncs']}")
         for stage, prof in r.get("profile", {}).items():
             print(f"  profile {stage}: GPU busy {prof['busy']:.0%} of {prof['wall_s']:.3f} s; top kernels (ms, calls):")
             for name, ms, calls in prof["top"]:
@@ -256,8 +277,11 @@ def main():
     p.add_argument("--orbit", action="store_true", help="also time view3d's 72-frame orbit of one object")
     p.add_argument("--profile", metavar="PREFIX", help="also profile a 3-step sampling call and update: GPU busy "
                    "fraction, top kernels, Chrome traces PREFIX_<mode>_<stage>.json")
+    p.add_argument("--syncs", action="store_true", help="CUDA: count the host syncs of a 3-step epoch by line")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. attention=cudnn")
     args = p.parse_args()
+    if args.syncs and args.device != "cuda":
+        p.error("--syncs needs --device cuda (CUDA's sync debug mode)")
     results = []
     for mode in args.modes.split(","):
         results.append(one_mode(args, mode == "compiled"))
