@@ -134,6 +134,7 @@ def one_mode(args, compiled):
     out = {"mode": "compiled" if compiled else "eager", "warmup_s": warmup, "stages": st.t, "mem": st.mem,
            "epoch_s": whole, "mfu": mfu, "samples_per_s": len(prompts) / whole, "on_policy": info,
            "peak_tflops": throughput.peak / 1e12}
+    print(f"{out['mode']}: epoch {whole:.1f} s, MFU {mfu:.1%} (before the optional checks)", flush=True)
     if args.profile:
         out["profile"] = profile_stages(dataclasses.replace(cfg, num_steps=3), policy, prompts, autocast, params,
                                         optimizer, plan, device, f"{args.profile}_{out['mode']}")
