@@ -126,10 +126,10 @@ def table(args, device):
     # NAME/metrics.json. SOURCE: ground-truth, ground-truth+VAE_DIR, CHECKPOINT or CHECKPOINT+LORA.
     rows, lines = {}, ["| model | MRC (lower = more consistent) | fidelity | size spread | diversity |",
                        "| --- | --- | --- | --- | --- |"]
-    for spec in args.table:
-        name, sep, source = spec.partition("=")
+    for row_arg in args.table:
+        name, sep, source = row_arg.partition("=")
         if not sep or not name or not source:
-            raise ValueError(f"--table {spec!r}: write NAME=SOURCE, SOURCE being ground-truth, ground-truth+VAE_DIR, "
+            raise ValueError(f"--table {row_arg!r}: write NAME=SOURCE, SOURCE being ground-truth, ground-truth+VAE_DIR, "
                              "CHECKPOINT or CHECKPOINT+LORA")
         first, _, second = source.partition("+")
         gt = first == "ground-truth"

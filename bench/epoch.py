@@ -279,7 +279,7 @@ def main():
     p.add_argument("--profile", metavar="PREFIX", help="also profile a 3-step sampling call and update: GPU busy "
                    "fraction, top kernels, Chrome traces PREFIX_<mode>_<stage>.json")
     p.add_argument("--syncs", action="store_true", help="CUDA: count the host syncs of a 3-step epoch by line")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. attention=cudnn")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. mixed_precision=no")
     args = p.parse_args()
     if args.syncs and args.device != "cuda":
         p.error("--syncs needs --device cuda (CUDA's sync debug mode)")

@@ -187,7 +187,6 @@ def test_per_sample_generators_make_noise_independent_of_batching(policy):
         sample_trajectories(policy, PROMPTS, num_steps=3, guidance_scale=3.0, generator=gens([1]))
 
 
-
 def test_alpha_bar_is_copied_to_another_device_once():
     # a host-to-device copy per DDIM step would be a host sync per step on a GPU; the meta device stands in for it
     scheduler = make_scheduler()
