@@ -59,7 +59,8 @@ def generate(args, prompts, device):
     if args.lora:
         policy.load_lora(args.lora)
     return sample_fixed_noise(policy, prompts, args.seeds, seed=args.seed, num_steps=args.num_steps,
-                              guidance_scale=args.guidance_scale, eta=args.eta, batch_size=args.batch_size)
+                              guidance_scale=args.guidance_scale, eta=args.eta, batch_size=args.batch_size,
+                              cpu_bf16=args.bf16)
 
 
 def vae_roundtrip(views, vae_dir, device, chunk=64):

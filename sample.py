@@ -148,16 +148,17 @@ def sample_trajectories(policy, prompts, *, num_steps, guidance_scale, eta=1.0, 
 
 
 @torch.no_grad()
-def sample_fixed_noise(policy, prompts, num_samples, *, seed, num_steps, guidance_scale, eta, batch_size):
+def sample_fixed_noise(policy, prompts, num_samples, *, seed, num_steps, guidance_scale, eta, batch_size,
+                       cpu_bf16=False):
     # Evaluation samples (P, S, 4, 3, H, W): sample s of prompt i draws all its noise (initial and every step)
     # from a CPU generator seeded by (seed, "noise", i, s), so two checkpoints are compared on identical noise,
     # whatever the batch size or device, as Carve3D compares base and finetuned models (Fig. 3). Used by
-    # evaluate.py and view3d.py.
+    # evaluate.py and view3d.py. cpu_bf16: bf16 autocast on the CPU too (always on CUDA).
     flat = [(i, s) for i in range(len(prompts)) for s in range(num_samples)]
     out = []
     for b in range(0, len(flat), batch_size):
         chunk = flat[b:b + batch_size]
-        with autocast(policy.device):
+        with autocast(policy.device, cpu=cpu_bf16):
             traj = sample_trajectories(policy, [prompts[i] for i, _ in chunk], num_steps=num_steps,
                                        guidance_scale=guidance_scale, eta=eta,
                                        generator=[make_generator("cpu", seed, "noise", i, s) for i, s in chunk])

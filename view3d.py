@@ -172,7 +172,8 @@ def row_views(checkpoint, lora, prompt, args, device):
     if lora:
         policy.load_lora(lora)
     return sample_fixed_noise(policy, [prompt], 1, seed=args.seed, num_steps=args.num_steps,
-                              guidance_scale=args.guidance_scale, eta=args.eta, batch_size=1)[0, 0]
+                              guidance_scale=args.guidance_scale, eta=args.eta, batch_size=1,
+                              cpu_bf16=args.bf16)[0, 0]
 
 
 def main(argv=None):

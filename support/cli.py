@@ -8,6 +8,8 @@ def add_sampling_args(p):
     p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1 = the RL policy's sampler)")
     p.add_argument("--seed", type=int, default=0, help="base seed of the fixed noise")
+    p.add_argument("--bf16", action="store_true", help="CPU: sample under bf16 autocast as CUDA does (toy, 2-core "
+                   "CPU with AVX512-BF16: 1.45x faster, same metrics within noise; slower on CPUs without bf16)")
 
 
 def add_reward_args(p):
