@@ -28,7 +28,8 @@ sft-base is the RL starting point; sft-long is the same run continued 5x longer 
 A run longer than one GPU call: repeat the same command with --state FILE --max-minutes M; each call saves the
 model at the step it reached and continues exactly where the previous one stopped (tests/test_toy_models.py).
 The MVDream step is launch-bound on a GPU (512 objects per step run at ~19 steps/s on an H200, 128 at ~15), so
-the default batch is large.
+the default batch is large; `--compile reduce-overhead` replays the loss's forward and backward as CUDA graphs
+(not yet measured on a GPU).
 A quick CPU smoke run: python sft.py vae --steps 20 --bank 64 --batch-size 8 --out outputs/vae-smoke, then
     python sft.py mvdream --vae outputs/vae-smoke --steps 20 --bank 64 --batch-size 8 --out outputs/sft-smoke
 """
@@ -162,7 +163,7 @@ def train_mvdream(args, device):
     latents = policy.encode(bank["views"])                                  # (n, 4 views, 4, 16, 16)
     ids = policy.tokenize(bank["prompts"]).to(device)
     empty = policy.tokenize([""]).to(device)
-    loss_fn = torch.compile(_denoise_loss) if args.compile else _denoise_loss
+    loss_fn = torch.compile(_denoise_loss, mode=args.compile) if args.compile else _denoise_loss
     alphas = alphas_cumprod_on(policy.scheduler, device)  # on the device once (no host sync per step)
     g = make_generator(device, args.seed, "sft-mvdream")
     snapshots = {int(k): v for k, v in (s.split(":", 1) for s in args.snapshot)}
@@ -353,7 +354,8 @@ def main(argv=None):
                    help="mvdream: fraction of examples whose 4 views come from 4 instances of the prompt")
     p.add_argument("--init", help="lgm: start from this LGM .safetensors instead of random weights")
     p.add_argument("--kl-weight", type=float, default=1e-6, help="vae: KL weight (LDM's, see train_vae)")
-    p.add_argument("--compile", action="store_true", help="mvdream: torch.compile the loss (GPU: fewer launches)")
+    p.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead"],
+                   help="mvdream: torch.compile the loss (GPU: fewer launches); reduce-overhead: also as CUDA graphs")
     p.add_argument("--max-minutes", type=float, default=0, help="mvdream, lgm: stop (and save) after this long (0: never)")
     p.add_argument("--state", help="mvdream: training-state file to continue from if it exists, written when this "
                    "call stops (exact resume across calls: pair with --max-minutes)")
