@@ -124,7 +124,8 @@ def evaluate(args, device):
 
 def table(args, device):
     # --table NAME=SOURCE ...: every row on the same prompts and noise, in one process; writes table.md and
-    # NAME/metrics.json. SOURCE: ground-truth, ground-truth+VAE_DIR, CHECKPOINT or CHECKPOINT+LORA.
+    # NAME/metrics.json. SOURCE: ground-truth, ground-truth+VAE_DIR, CHECKPOINT or CHECKPOINT+LORA. Rows named
+    # GROUP/RUN (e.g. kl/1 kl/2 kl/3: one training setting, three seeds) also get a line GROUP: mean ± std over runs.
     rows, lines = {}, ["| model | MRC (lower = more consistent) | fidelity | size spread | diversity |",
                        "| --- | --- | --- | --- | --- |"]
     for row_arg in args.table:
@@ -140,10 +141,21 @@ def table(args, device):
         m = rows[name] = evaluate(row, device)
         lines.append(f"| {name} | {m['mrc_mean']:.3f} ± {m['mrc_std']:.3f} | {m.get('fidelity_mean', float('nan')):.3f} "
                      f"| {m.get('size_spread', float('nan')):.3f} | {m['diversity']:.3f} |")
+    lines += [_group_line(g, [m for n, m in rows.items() if n.split("/")[0] == g])
+              for g in dict.fromkeys(n.split("/")[0] for n in rows if "/" in n)]
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows
+
+
+def _group_line(group, metrics):
+    # mean ± std (over runs: seeds of one setting) of each row's mean metric
+    def stat(key):
+        x = torch.tensor([m.get(key, float("nan")) for m in metrics], dtype=torch.float64)
+        return f"{x.mean().item():.3f} ± {x.std().item() if len(x) > 1 else 0.0:.3f}"
+    return (f"| **{group}** ({len(metrics)} runs: mean ± std over runs) | {stat('mrc_mean')} | {stat('fidelity_mean')} "
+            f"| {stat('size_spread')} | {stat('diversity')} |")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,7 +201,8 @@ def main(argv=None):
     what.add_argument("--ground-truth", action="store_true", help="evaluate the toy world's ground-truth renders")
     what.add_argument("--robustness", action="store_true", help="MRC under controlled inconsistency (toy world)")
     what.add_argument("--table", nargs="+", metavar="NAME=SOURCE", help="several rows on identical noise, one "
-                      "process: SOURCE = ground-truth, ground-truth+VAE_DIR, CHECKPOINT or CHECKPOINT+LORA")
+                      "process: SOURCE = ground-truth, ground-truth+VAE_DIR, CHECKPOINT or CHECKPOINT+LORA; "
+                      "rows named GROUP/RUN also get a mean ± std line per GROUP")
     p.add_argument("--through-vae", metavar="DIR", help="with --ground-truth: pass the renders through this toy "
                    "VAE (AutoencoderKL folder), as a latent model sees its data")
     p.add_argument("--lora", help="LoRA weights to add (a train.py checkpoint dir or pytorch_lora_weights.safetensors)")

@@ -484,6 +484,21 @@ def test_evaluate_table_rows_equal_single_evaluations(tmp_path, base_eval):
         evaluate.main(eval_args(tmp_path / "bad", "--table", str(SFT_BASE)))
 
 
+def test_evaluate_table_groups_runs_into_mean_and_std(tmp_path):
+    # rows GROUP/RUN (seeds of one setting) get a summary line; ground truth with and without the VAE stand in for
+    # two runs that differ
+    out = tmp_path / "table"
+    rows = evaluate.main(eval_args(out, "--table", "g/raw=ground-truth", f"g/vae=ground-truth+{CKPT / 'vae-tiny'}",
+                                   "alone=ground-truth"))
+    a, b = rows["g/raw"], rows["g/vae"]
+    line = (out / "table.md").read_text().splitlines()[-1]
+    assert line.startswith("| **g** (2 runs: mean ± std over runs) | ") and len(rows) == 3
+    for key in ("mrc_mean", "fidelity_mean", "size_spread", "diversity"):
+        mean, std = (a[key] + b[key]) / 2, abs(a[key] - b[key]) / 2 ** 0.5  # sample std of two numbers
+        assert f"{mean:.3f} ± {std:.3f}" in line
+    assert a["mrc_mean"] != b["mrc_mean"] and (out / "g" / "vae" / "metrics.json").exists()
+
+
 def test_sft_state_refuses_a_bank_that_came_out_different(tmp_path, monkeypatch):
     common = ["mvdream", "--steps", "2", "--bank", "8", "--batch-size", "2", "--workers", "1", "--device", "cpu",
               "--warmup", "1", "--log-dir", str(tmp_path / "log"), "--sample-every", "100", "--out", str(tmp_path / "m"),
