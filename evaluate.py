@@ -154,8 +154,8 @@ def _group_line(group, metrics):
     def stat(key):
         x = torch.tensor([m.get(key, float("nan")) for m in metrics], dtype=torch.float64)
         return f"{x.mean().item():.3f} ± {x.std().item() if len(x) > 1 else 0.0:.3f}"
-    return (f"| **{group}** ({len(metrics)} runs: mean ± std over runs) | {stat('mrc_mean')} | {stat('fidelity_mean')} "
-            f"| {stat('size_spread')} | {stat('diversity')} |")
+    return (f"| **{group}** ({len(metrics)} runs: mean ± std over runs) | {stat('mrc_mean')} "
+            f"| {stat('fidelity_mean')} | {stat('size_spread')} | {stat('diversity')} |")
 
 
 # ----------------------------------------------------------------------------------------------
