@@ -18,6 +18,8 @@ two checkpoints are compared on identical noise, as Carve3D compares base and fi
              or wrong main colour; formula at the top of fidelity.py).
   size_spread toy world only: fidelity.size_spread, how much the main object's size changes from view to view
              (0 for one object; ~0.25 for 4 independent instances), an inconsistency that needs no LGM.
+  mrc_vs_spread  toy world only: within-prompt correlation of MRC and size spread (within_prompt_corr): how well
+             the reward ranks one prompt's samples by this inconsistency, which is all RL's advantages see.
   diversity  mean over prompts of the mean pairwise LPIPS-AlexNet between the samples of that prompt
              (averaged over the 4 views); Carve3D's claim is that RL keeps it while longer SFT loses it.
 Writes metrics.json and grid.png (first sample of each of the first 8 prompts, captioned with MRC); with --orbit N
@@ -90,6 +92,13 @@ def diversity(views, lpips_model):
     return d.mean().item()
 
 
+def within_prompt_corr(a, b):
+    """Pearson correlation of two (prompts, samples) metrics after removing each prompt's mean: what a per-prompt
+    normalised advantage (RL) can see. mrc_vs_spread: does the reward rank a prompt's samples by inconsistency?"""
+    a, b = (x.double() - x.double().mean(1, keepdim=True) for x in (a, b))
+    return ((a * b).sum() / (a.norm() * b.norm())).item() if a.shape[1] > 1 else float("nan")
+
+
 @torch.no_grad()
 def evaluate(args, device):
     prompts = load_prompts(args.prompts, args.num_prompts)
@@ -104,8 +113,11 @@ def evaluate(args, device):
     if args.prompts.startswith("toy:"):
         per_sample = [p for p in prompts for _ in range(args.seeds)]
         fid = fidelity(flat.cpu(), per_sample, args.elevation)
+        spread = size_spread(flat.cpu(), per_sample, args.elevation)
         metrics.update(fidelity_mean=fid.mean().item(), fidelity_std=fid.std().item() if len(fid) > 1 else 0.0,
-                       size_spread=size_spread(flat.cpu(), per_sample, args.elevation).mean().item())
+                       size_spread=spread.mean().item(),
+                       mrc_vs_spread=within_prompt_corr(mrc.view(len(prompts), -1), spread.view(len(prompts), -1)),
+                       per_sample={"mrc": mrc.tolist(), "fidelity": fid.tolist(), "size_spread": spread.tolist()})
     metrics["source"] = ({"ground_truth": True, "through_vae": args.through_vae} if args.ground_truth
                          else {"checkpoint": args.checkpoint, "lora": args.lora})
     metrics["options"] = {k: v for k, v in vars(args).items() if k not in ("out",)}

@@ -279,6 +279,12 @@ def test_evaluate_ground_truth_matches_an_independent_recomputation(tmp_path, sh
     assert metrics["fidelity_mean"] == pytest.approx(fid.mean().item(), abs=1e-6)
     spread = fidelity.size_spread(views, [p for p in prompts for _ in range(2)])
     assert metrics["size_spread"] == pytest.approx(spread.mean().item(), abs=1e-6) and metrics["size_spread"] < 0.2
+    per = metrics["per_sample"]
+    for key, ref in (("mrc", mrc), ("fidelity", fid), ("size_spread", spread)):
+        assert per[key] == pytest.approx(ref.tolist(), abs=1e-5)
+    m, s = mrc.view(2, 2).double().numpy(), spread.view(2, 2).double().numpy()
+    centred = [x - x.mean(1, keepdims=True) for x in (m, s)]
+    assert metrics["mrc_vs_spread"] == pytest.approx(np.corrcoef(centred[0].ravel(), centred[1].ravel())[0, 1], abs=1e-6)
     with torch.no_grad():
         div = torch.stack([alex(views[2 * i + 0], views[2 * i + 1], normalize=True).flatten() for i in range(2)])
     assert metrics["diversity"] == pytest.approx(div.mean().item(), abs=1e-5)
@@ -355,6 +361,19 @@ def test_robustness_mrc_increases_with_distortion_level(tmp_path):
 
 
 # ------------------------------------------------------------------------------- 5. evaluate's helpers
+
+def test_within_prompt_correlation_ignores_each_prompts_level():
+    # what RL's per-prompt advantages see: only the ranking of a prompt's own samples
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    ca, cb = (x - x.mean(1, keepdim=True) for x in (a, b))
+    r = evaluate.within_prompt_corr(a, b)
+    assert r == pytest.approx(np.corrcoef(ca.flatten().numpy(), cb.flatten().numpy())[0, 1], abs=1e-9)
+    offsets = 10 * torch.randn(6, 1, generator=g, dtype=torch.float64)  # a prompt that is easy for both metrics is no evidence
+    assert evaluate.within_prompt_corr(a + offsets, b + 3 * offsets) == pytest.approx(r, abs=1e-9)
+    assert evaluate.within_prompt_corr(a, 2 * a + 1) == pytest.approx(1.0)
+    assert math.isnan(evaluate.within_prompt_corr(a[:, :1], b[:, :1]))
+
 
 def test_diversity_is_zero_for_identical_samples_and_positive_otherwise(alex):
     views = ground_truth_views(["a red cube", "a blue ball with a green cone on its left"], 0)   # (2, 4, 3, 64, 64)
