@@ -4,7 +4,7 @@
 #                                                  # load: 16 samples, 50 DDIM steps, CFG, KL, micro-batch 16
 #   python bench/epoch.py --device cpu --toy       # toy setup (toy.yaml, random tiny models): a quick check
 #   options: --samples N --micro M --steps S --modes eager,compiled --fp32-check --orbit --profile PREFIX --syncs
-#            --set KEY=VALUE ...
+#            --set KEY=VALUE ... --compile-mode MODE
 #
 # Per stage (sampling with the policy alone, the reference pass, VAE decode, LGM, render, crop + LPIPS, the PPO
 # update): seconds per sample, share of the epoch and peak GPU memory. Then the whole epoch as train.py runs it
@@ -105,7 +105,8 @@ def one_mode(args, compiled):
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
     throughput = Throughput(policy, reward_fn, device, cfg, plan, 1)
     if compiled:
-        policy.unet.compile(dynamic=False)  # as train.main does, after counting FLOPs on the eager UNet
+        # as train.main does, after counting FLOPs on the eager UNet (--compile-mode: an experiment train.py lacks)
+        policy.unet.compile(dynamic=False, mode=args.compile_mode)
     prompts = [f"prompt {i}" for i in range(plan.samples_per_epoch)] if not args.toy else \
         load_prompts("toy:train", plan.samples_per_epoch)
 
@@ -131,7 +132,8 @@ def one_mode(args, compiled):
     whole = st.t["sampling (policy)"] + st.t["reference"] + st.t["decode"] + st.t["LGM"] + st.t["render"] + \
         st.t["crop + LPIPS"] + st.t["update"]
     mfu = throughput.epoch_flops(1) / whole / throughput.peak
-    out = {"mode": "compiled" if compiled else "eager", "warmup_s": warmup, "stages": st.t, "mem": st.mem,
+    mode = (f"compiled ({args.compile_mode})" if args.compile_mode else "compiled") if compiled else "eager"
+    out = {"mode": mode, "warmup_s": warmup, "stages": st.t, "mem": st.mem,
            "epoch_s": whole, "mfu": mfu, "samples_per_s": len(prompts) / whole, "on_policy": info,
            "peak_tflops": throughput.peak / 1e12}
     print(f"{out['mode']}: epoch {whole:.1f} s, MFU {mfu:.1%} (before the optional checks)", flush=True)
@@ -279,6 +281,8 @@ def main():
     p.add_argument("--profile", metavar="PREFIX", help="also profile a 3-step sampling call and update: GPU busy "
                    "fraction, top kernels, Chrome traces PREFIX_<mode>_<stage>.json")
     p.add_argument("--syncs", action="store_true", help="CUDA: count the host syncs of a 3-step epoch by line")
+    p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode of the compiled run (reduce-overhead: CUDA graphs; not in train.py)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. mixed_precision=no")
     args = p.parse_args()
     if args.syncs and args.device != "cuda":
