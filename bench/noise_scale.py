@@ -5,11 +5,12 @@
 #
 # Samples P training prompts x S samples with the config's sampler (fixed per-sample noise, as train.py), scores
 # them with the MRC reward, z-scores the rewards per prompt within this batch (Carve3D's per-prompt stat tracking
-# with the batch as its buffer), then takes for every sample alone the gradient of train.py's loss at the first,
-# on-policy update, over all its timesteps. From those: the gradient noise scale B = tr(Sigma) / |G|^2
-# (support/gradient_noise.py): an update that averages B samples has signal-to-noise ~1. The samples of one
-# prompt share its z-scoring, so they are not quite independent; the config's timestep_fraction < 1 adds noise
-# on top (this uses every timestep), so B here is a lower bound for train.py's update.
+# with the batch as its buffer), then takes for every sample alone and every timestep the gradient of train.py's
+# loss at the first, on-policy update. From those: the gradient noise scale B = tr(Sigma) / |G|^2
+# (support/gradient_noise.py; an update that averages B samples has signal-to-noise ~1) of a sample's gradient
+# over all its timesteps (timestep_fraction 1, as Carve3D trains) and over a random subset of the config's
+# timestep_fraction (as train.py trains; same |G|^2 in expectation, more noise). The samples of one prompt share
+# its z-scoring, so they are not quite independent.
 import argparse
 import sys
 import time
@@ -37,6 +38,7 @@ def main():
     cfg = load_config(train.Config, args.config, args.overrides)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
+    torch.manual_seed(cfg.seed)  # the LoRA's random down-projections: the gradients depend on them
     policy, reward_fn = train.build_models(cfg, device)
     autocast = lambda: devices.autocast(device, cfg.mixed_precision == "bf16")  # noqa: E731
     prompts = [q for q in load_prompts(cfg.train_prompts, args.prompts) for _ in range(args.per_prompt)]
@@ -47,16 +49,22 @@ def main():
     r = samples["reward"].view(args.prompts, args.per_prompt).cpu()
     adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).flatten()
     params = [q for q in policy.parameters() if q.requires_grad]
-    grads = per_sample_gradients(policy, samples, adv, params, eta=cfg.eta,
-                                 guidance_scale=cfg.guidance_scale if cfg.train_cfg else 1.0,
-                                 clip_range=cfg.clip_range, adv_clip_max=cfg.adv_clip_max, autocast=autocast)
-    out = noise_scale(grads)
-    n_update = cfg.samples_per_epoch
+    per_step = per_sample_gradients(policy, samples, adv, params, eta=cfg.eta,
+                                    guidance_scale=cfg.guidance_scale if cfg.train_cfg else 1.0,
+                                    clip_range=cfg.clip_range, adv_clip_max=cfg.adv_clip_max, autocast=autocast)
+    n, T = per_step.shape[:2]
+    k = max(1, int(round(cfg.timestep_fraction * T)))
+    g = torch.Generator().manual_seed(cfg.seed)
+    subset = torch.stack([torch.randperm(T, generator=g)[:k] for _ in range(n)])  # as ppo.shuffle_samples draws
     print(f"{cfg.policy}: {args.prompts} prompts x {args.per_prompt} samples, MRC {samples['mrc'].mean():.4f}, "
-          f"{grads.shape[1]:,} LoRA parameters ({time.perf_counter() - t0:.0f} s)")
-    print(f"|G|^2 {out['grad_sq']:.2e} +- {out['grad_sq_se']:.2e} (jackknife), tr(Sigma) {out['trace_cov']:.2e}: "
-          f"noise scale B = {out['noise_scale']:.0f} samples, B >= {out['noise_scale_lower']:.0f} (|G|^2 + 2 se); an "
-          f"update of samples_per_epoch = {n_update} has signal-to-noise <= {n_update / out['noise_scale_lower']:.2f}")
+          f"{per_step.shape[2]:,} LoRA parameters ({time.perf_counter() - t0:.0f} s)")
+    for name, grads in ((f"all {T} timesteps", per_step.mean(1)),
+                        (f"{k} of {T} timesteps", per_step[torch.arange(n)[:, None], subset].mean(1))):
+        out = noise_scale(grads)
+        print(f"{name}: |G|^2 {out['grad_sq']:.2e} +- {out['grad_sq_se']:.2e} (jackknife), tr(Sigma) "
+              f"{out['trace_cov']:.2e}: noise scale B = {out['noise_scale']:.0f} samples, B >= "
+              f"{out['noise_scale_lower']:.0f} (|G|^2 + 2 se); an update of samples_per_epoch = "
+              f"{cfg.samples_per_epoch} has signal-to-noise <= {cfg.samples_per_epoch / out['noise_scale_lower']:.2f}")
 
 
 if __name__ == "__main__":

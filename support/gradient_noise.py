@@ -33,22 +33,23 @@ def noise_scale(grads):
 
 def per_sample_gradients(policy, samples, advantages, params, *, eta, guidance_scale, clip_range, adv_clip_max,
                          autocast):
-    """(n, d): for each sample alone, the gradient of train.py's PPO loss at ratio 1 (the first, on-policy update)
-    averaged over all its timesteps, flattened over params."""
+    """(n, T, d): for each sample alone and each of its T timesteps, the gradient of train.py's PPO loss at ratio 1
+    (the first, on-policy update), flattened over params. The mean over T is the sample's gradient when the update
+    trains on every timestep (timestep_fraction 1); the mean over a random subset, when it trains on that subset."""
     keys = ("prompt_embeds", "timesteps", "latents", "next_latents", "log_probs")
     n, T = samples["latents"].shape[:2]
     out = []
     for i in range(n):
         mb = {k: samples[k][i:i + 1] for k in keys}
         mb["advantages"] = advantages[i:i + 1].to(samples["latents"].device)
-        for p in params:
-            p.grad = None
         for j in range(T):
+            for p in params:
+                p.grad = None
             loss, _ = micro_step_loss(policy, policy, mb, j, eta=eta, guidance_scale=guidance_scale,
                                       clip_range=clip_range, adv_clip_max=adv_clip_max, autocast=autocast, unmoved=True)
-            (loss / T).backward()
-        out.append(torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), device=p.device)
-                              for p in params]).cpu())
+            loss.backward()
+            out.append(torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), device=p.device)
+                                  for p in params]).cpu())
     for p in params:
         p.grad = None
-    return torch.stack(out)
+    return torch.stack(out).view(n, T, -1)

@@ -44,8 +44,9 @@ def test_per_sample_gradients_average_to_the_batched_update_gradient(fill_lora_u
     adv = torch.tensor([1.0, -0.5, 2.0])
     params = [p for p in policy.parameters() if p.requires_grad]
     kw = dict(eta=1.0, guidance_scale=3.0, clip_range=1e-4, adv_clip_max=5.0, autocast=contextlib.nullcontext)
-    grads = per_sample_gradients(policy, samples, adv, params, **kw)
-    assert grads.shape == (3, sum(p.numel() for p in params)) and (grads.norm(dim=1) > 0).all()
+    per_step = per_sample_gradients(policy, samples, adv, params, **kw)
+    assert per_step.shape == (3, 3, sum(p.numel() for p in params)) and (per_step.norm(dim=2) > 0).all()
+    grads = per_step.mean(1)  # every timestep trained
     # train.py's update over the 3 samples (mean over samples and timesteps) by the batched micro-step
     mb = {k: samples[k] for k in ("prompt_embeds", "timesteps", "latents", "next_latents", "log_probs")}
     mb["advantages"] = adv
