@@ -39,7 +39,7 @@ import torch
 from diffusers import AutoencoderKL
 
 import toy
-from fidelity import fidelity, size_spread
+from fidelity import fidelity_and_size_spread
 from mvdream import MVDreamPolicy
 from reconstruct import LGM
 from reward import MRCReward, load_lpips
@@ -112,8 +112,7 @@ def evaluate(args, device):
                "diversity": diversity(views, lpips_model)}
     if args.prompts.startswith("toy:"):
         per_sample = [p for p in prompts for _ in range(args.seeds)]
-        fid = fidelity(flat.cpu(), per_sample, args.elevation)
-        spread = size_spread(flat.cpu(), per_sample, args.elevation)
+        fid, spread = fidelity_and_size_spread(flat.cpu(), per_sample, args.elevation)
         metrics.update(fidelity_mean=fid.mean().item(), fidelity_std=fid.std().item() if len(fid) > 1 else 0.0,
                        size_spread=spread.mean().item(),
                        mrc_vs_spread=within_prompt_corr(mrc.view(len(prompts), -1), spread.view(len(prompts), -1)),

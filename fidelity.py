@@ -321,7 +321,10 @@ def fidelity(views: torch.Tensor, prompts: list[str], elevation: float = toy.TOY
     if views.shape[0] == 0:
         empty = views.new_zeros(0)
         return (empty, {k: views.new_zeros(0, 4) for k in CHECKS + ("view",)}) if per_check else empty
-    parsed, exp, obs, part_idx = _observe(views, prompts, elevation)
+    return _fidelity(views, *_observe(views, prompts, elevation), per_check)
+
+
+def _fidelity(views, parsed, exp, obs, part_idx, per_check=False):
     shape_idx = torch.tensor([toy.SHAPES.index(p.shape) for p in parsed])
     part_shape_idx = torch.tensor([toy.SHAPES.index(p.part_shape) if p.has_part else 0 for p in parsed])
     checks = _checks(obs, exp, shape_idx, part_shape_idx, part_idx >= 0)
@@ -353,8 +356,20 @@ def size_spread(views: torch.Tensor, prompts: list[str], elevation: float = toy.
     _check_inputs(views, prompts, elevation)
     if views.shape[0] == 0:
         return views.new_zeros(0)
-    _, exp, obs, _ = _observe(views, prompts, elevation)
+    return _size_spread(views, *_observe(views, prompts, elevation))
+
+
+def _size_spread(views, parsed, exp, obs, part_idx):
     return (obs["main_area"].clamp(min=4.0) / exp["main_area"]).log().std(1).to(views.device)
+
+
+def fidelity_and_size_spread(views: torch.Tensor, prompts: list[str], elevation: float = toy.TOY.elevation):
+    """fidelity(views, ...) and size_spread(views, ...) from one measurement of the views (evaluate.py)."""
+    _check_inputs(views, prompts, elevation)
+    if views.shape[0] == 0:
+        return views.new_zeros(0), views.new_zeros(0)
+    observed = _observe(views, prompts, elevation)
+    return _fidelity(views, *observed), _size_spread(views, *observed)
 
 
 # ---------------------------------------------------------------------------------------------------------

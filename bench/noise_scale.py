@@ -36,8 +36,7 @@ def main():
     p.add_argument("--per-prompt", type=int, default=8, help="samples per prompt")
     args = p.parse_args()
     cfg = load_config(train.Config, args.config, args.overrides)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = devices.setup_distributed(cfg.device)[2]  # one process: train.py's device choice
     torch.manual_seed(cfg.seed)  # the LoRA's random down-projections: the gradients depend on them
     policy, reward_fn = train.build_models(cfg, device)
     autocast = lambda: devices.autocast(device, cfg.mixed_precision == "bf16")  # noqa: E731

@@ -1,8 +1,8 @@
 # How many samples one policy-gradient update needs: the gradient noise scale B = tr(Sigma) / |G|^2 of
-# McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training", Sec. 2.2, B_simple), G the expected
-# gradient and Sigma the per-sample covariance. An update that averages B samples has a signal-to-noise ratio
-# |G|^2 / (tr(Sigma) / B) of about 1; far fewer samples and the update is mostly noise. Support code for
-# bench/noise_scale.py, which measures it for the Carve3D/DDPO gradient.
+# McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training", arXiv:1812.06162: the simple noise scale
+# B_simple), G the expected gradient and Sigma the per-sample covariance. An update that averages B samples has a
+# signal-to-noise ratio |G|^2 / (tr(Sigma) / B) of about 1; far fewer samples and the update is mostly noise.
+# Support code for bench/noise_scale.py, which measures it for the Carve3D/DDPO gradient.
 import torch
 
 from ppo import micro_step_loss
