@@ -106,7 +106,8 @@ def evaluate(args, device):
     views = generate(args, prompts, device)                                   # (P, S, 4, 3, H, W)
     flat = views.flatten(0, 1)
     with autocast(device):
-        mrc = torch.cat([reward_fn(flat[i:i + args.batch_size])["mrc"].float() for i in range(0, len(flat), args.batch_size)])
+        mrc = torch.cat([reward_fn(flat[i:i + args.batch_size])["mrc"].float().cpu()  # on the CPU, as fidelity
+                         for i in range(0, len(flat), args.batch_size)])
     metrics = {"num_prompts": len(prompts), "samples_per_prompt": args.seeds,
                "mrc_mean": mrc.mean().item(), "mrc_std": mrc.std().item() if len(mrc) > 1 else 0.0,
                "diversity": diversity(views, lpips_model)}

@@ -60,7 +60,7 @@ class Config:  # one flat config, one comment per field; YAML keys have the same
     # --- models
     world: str = "toy"                    # toy (tiny MVDream/LGM, 64 px) or paper (MVDream sd21-4view + LGM big)
     policy: str = "checkpoints/toy/sft-base"   # MVDream: local dir/file or hub id
-    lgm: str = "checkpoints/toy/lgm-tiny.safetensors"  # LGM: local file/dir or hub id
+    lgm: str = "checkpoints/toy/lgm-tiny-v2.safetensors"  # LGM: local file/dir or hub id
     lgm_config: str = "tiny"              # LGM architecture: tiny or big
     random_init: bool = False             # random weights instead of checkpoints: benchmarks and smoke tests ONLY
     elevation: float = 15.0               # camera elevation in MVDream's convention (degrees, positive = above)

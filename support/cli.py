@@ -13,7 +13,7 @@ def add_sampling_args(p):
 
 
 def add_reward_args(p):
-    p.add_argument("--lgm", default="checkpoints/toy/lgm-tiny.safetensors", help="LGM file/dir or hub id")
+    p.add_argument("--lgm", default="checkpoints/toy/lgm-tiny-v2.safetensors", help="LGM file/dir or hub id")
     p.add_argument("--lgm-config", default="tiny", help="LGM config (tiny or big)")
     p.add_argument("--elevation", type=float, default=15.0, help="camera elevation, MVDream convention (toy: 15)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

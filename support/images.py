@@ -39,12 +39,13 @@ def line_plot(path, xs, series, xlabel, ylabel, size=(560, 380)):
     d.rectangle([left, top, W - right, H - bottom], outline=(0, 0, 0))
     for k in range(5):
         y = lo + (hi - lo) * k / 4
-        d.text((4, px(xs[0], y)[1] - 6), f"{y:.3f}", fill=(0, 0, 0))
+        d.text((4, px(xs[0], y)[1] - 6), f"{y:.4f}" if hi - lo < 0.01 else f"{y:.3f}", fill=(0, 0, 0))  # distinct ticks
     for x in xs:
         d.text((px(x, lo)[0] - 3, H - bottom + 4), str(x), fill=(0, 0, 0))
     d.text(((W - right) // 2 - 30, H - 18), xlabel, fill=(0, 0, 0))
     d.text((4, 4), ylabel, fill=(0, 0, 0))
-    colors = [(214, 39, 40), (31, 119, 180), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    colors = [(214, 39, 40), (31, 119, 180), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
+              (127, 127, 127), (23, 190, 207)]
     for n, (name, v) in enumerate(series.items()):
         c = colors[n % len(colors)]
         pts = [px(x, y) for x, y in zip(xs, v)]
