@@ -19,9 +19,9 @@ distribution (Carve3D Sec. 1, Fig. 4). We reproduce that setting in the toy worl
 Commands (seed 0, defaults otherwise; the record next to each checkpoint holds the arguments, device and wall
 time of the run that made it):
     python sft.py vae --steps 2000 --bank 8192 --out checkpoints/toy/vae-tiny        # shipped (80 s on one H200)
-    python sft.py lgm --steps 3000 --out checkpoints/toy/lgm-tiny.safetensors        # shipped one: first version
+    python sft.py lgm --steps 3000 --out checkpoints/toy/lgm-tiny.safetensors        # the first LGM (git history)
     python sft.py lgm --init checkpoints/toy/lgm-tiny.safetensors --lr 5e-4 --seed 1 --bank 8192 --steps 4000 \
-        --max-minutes 7.4 --out checkpoints/toy/lgm-tiny-v2.safetensors  # shipped v2: continued, stopped at 1,341
+        --max-minutes 7.4 --out checkpoints/toy/lgm-tiny-v2.safetensors  # shipped: continued, stopped at 1,341
     python sft.py mvdream --bank 12288 --steps 15000 --compile reduce-overhead --max-minutes 7.7 \
         --snapshot 3000:checkpoints/toy/sft-base --out checkpoints/toy/sft-long  # shipped (one H200 call: 12,856 steps)
 sft-base is the RL starting point; sft-long is the same run continued 4.3x longer (the "longer SFT" baseline; 5x
