@@ -24,12 +24,14 @@ def save_grid(path, views, captions):
 
 
 def line_plot(path, xs, series, xlabel, ylabel, size=(560, 380)):
-    """A small line chart with PIL (no plotting dependency for one figure)."""
+    """A small line chart with PIL (no plotting dependency for one figure). A series is a list of y (at xs) or a
+    dict {x: y} (its own x values, e.g. checkpoints at different epochs)."""
     W, H = size
     left, right, top, bottom = 60, 130, 20, 45
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
-    ys = [y for v in series.values() for y in v]
+    series = {k: sorted(v.items()) if isinstance(v, dict) else list(zip(xs, v)) for k, v in series.items()}
+    ys = [y for v in series.values() for _, y in v]
     lo, hi = min(ys), max(ys)
     hi = hi if hi > lo else lo + 1e-6
 
@@ -48,7 +50,7 @@ def line_plot(path, xs, series, xlabel, ylabel, size=(560, 380)):
               (127, 127, 127), (23, 190, 207)]
     for n, (name, v) in enumerate(series.items()):
         c = colors[n % len(colors)]
-        pts = [px(x, y) for x, y in zip(xs, v)]
+        pts = [px(x, y) for x, y in v]
         d.line(pts, fill=c, width=2)
         for p in pts:
             d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=c)

@@ -98,18 +98,49 @@ def read_metrics(run_dir):
 def plot_validation(run_dirs, out, keys=("val_mrc", "val_fidelity", "val_kl")):
     # One panel per key (validation epochs on x), one line per run: the README's RL curves, so that a lower MRC
     # bought with fidelity or KL is visible next to it.
-    from support.images import line_plot
-    panels = []
-    for key in keys:
-        epochs, series = None, {}
+    def curves(key):
+        out = {}
         for run in run_dirs:
             rows = [r for r in read_metrics(run) if key in r]
             if not rows:
                 raise KeyError(f"{run}/metrics.jsonl has no {key!r} (val_fidelity: toy world only)")
-            epochs = epochs or [r["epoch"] for r in rows]
-            series[os.path.basename(os.path.normpath(run))] = [r[key] for r in rows][:len(epochs)]
+            out[os.path.basename(os.path.normpath(run))] = {r["epoch"]: r[key] for r in rows}
+        return out
+    return _panels(out, keys, curves, "")
+
+
+def read_checkpoint_curve(eval_dir, key):
+    # evaluate.py --table rows named SETTING@EPOCH/SEED (one setting's checkpoints along training, per seed)
+    # -> {setting: {epoch: mean over seeds of the row's key}}
+    curves = {}
+    for name in sorted(os.listdir(eval_dir)):
+        setting, sep, epoch = name.rpartition("@")
+        if not sep or not epoch.isdigit():
+            continue
+        values = []
+        for seed in sorted(os.listdir(os.path.join(eval_dir, name))):
+            with open(os.path.join(eval_dir, name, seed, "metrics.json")) as f:
+                values.append(json.load(f)[key])
+        curves.setdefault(setting, {})[int(epoch)] = float(np.mean(values))
+    if not curves:
+        raise FileNotFoundError(f"{eval_dir}: no rows named SETTING@EPOCH/SEED (evaluate.py --table kl@8/1=...)")
+    return curves
+
+
+def plot_checkpoint_curve(eval_dir, out, keys=("mrc_mean", "fidelity_mean", "diversity")):
+    # Test-set metrics of checkpoints along training (mean over seeds), one panel per metric, one line per
+    # setting: reward hacking shows as MRC falling while fidelity and diversity fall with it (Carve3D Sec. 4.2).
+    return _panels(out, keys, lambda key: read_checkpoint_curve(eval_dir, key), "test ")
+
+
+def _panels(out, keys, curves, prefix):
+    # one line chart per key ({name: {epoch: value}} from curves(key)), side by side in one PNG
+    from support.images import line_plot
+    panels = []
+    for key in keys:
+        series = curves(key)
         tmp = f"{out}.{key}.png"
-        line_plot(tmp, epochs, series, "epoch", key, size=(420, 300))
+        line_plot(tmp, sorted({e for c in series.values() for e in c}), series, "epoch", prefix + key, size=(420, 300))
         panels.append(Image.open(tmp).copy())
         os.remove(tmp)
     canvas = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
@@ -121,11 +152,20 @@ def plot_validation(run_dirs, out, keys=("val_mrc", "val_fidelity", "val_kl")):
 
 
 if __name__ == "__main__":
-    # python -m support.run_log runs/toy [runs/nokl ...] --out docs/toy_rl_curve.png
+    # python -m support.run_log runs/toy [runs/nokl ...] --out docs/toy_rl_curve.png     (val curves of runs)
+    # python -m support.run_log --eval outputs/eval/gpu --out docs/toy_gpu_collapse.png  (test curves of checkpoints)
     import argparse
-    p = argparse.ArgumentParser(description="plot val MRC, fidelity and KL of train.py runs")
-    p.add_argument("runs", nargs="+", help="run_dir(s) with a metrics.jsonl")
+    p = argparse.ArgumentParser(description="plot val MRC, fidelity and KL of train.py runs, or (--eval) the test "
+                                "metrics of evaluate.py --table rows named SETTING@EPOCH/SEED")
+    p.add_argument("runs", nargs="*", help="run_dir(s) with a metrics.jsonl")
+    p.add_argument("--eval", help="an evaluate.py --table output directory with rows named SETTING@EPOCH/SEED")
     p.add_argument("--out", required=True, help="PNG to write")
-    p.add_argument("--keys", default="val_mrc,val_fidelity,val_kl", help="comma-separated metrics, one panel each")
+    p.add_argument("--keys", help="comma-separated metrics, one panel each (default: val_mrc,val_fidelity,val_kl; "
+                   "with --eval: mrc_mean,fidelity_mean,diversity)")
     a = p.parse_args()
-    print(plot_validation(a.runs, a.out, a.keys.split(",")))
+    if bool(a.eval) == bool(a.runs):
+        p.error("give run_dir(s) or --eval DIR, not both")
+    if a.eval:
+        print(plot_checkpoint_curve(a.eval, a.out, *([a.keys.split(",")] if a.keys else [])))
+    else:
+        print(plot_validation(a.runs, a.out, *([a.keys.split(",")] if a.keys else [])))

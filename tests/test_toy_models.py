@@ -97,9 +97,9 @@ def test_shipped_mvdream_checkpoints_load_strictly_and_sample_at_documented_shap
         assert traj["latents"].shape == (1, 2, 4, 4, 16, 16)
 
 
-# rl-gpu: a GPU run's best/ (epoch 6); rl-cpu: the CPU main job's last LoRA (epoch 19), whose best/ stayed at epoch 0
+# rl-gpu: a GPU run's best/ (epoch 18); rl-cpu: the CPU main job's last LoRA (epoch 19), whose best/ stayed at epoch 0
 # (no validation improved on the start: README). fidelity_0: each run's epoch-0 val fidelity (its metrics.jsonl).
-@pytest.mark.parametrize("name, best_epoch, fidelity_0", [("rl-cpu", 0, 0.7586), ("rl-gpu", 6, 0.7162)])
+@pytest.mark.parametrize("name, best_epoch, fidelity_0", [("rl-cpu", 0, 0.7586), ("rl-gpu", 18, 0.7162)])
 def test_shipped_rl_lora_loads_onto_sft_base_and_changes_its_samples(name, best_epoch, fidelity_0):
     folder = CKPT / name
     policy = MVDreamPolicy.from_pretrained(str(SFT_BASE))
@@ -533,3 +533,41 @@ def test_sft_state_refuses_a_bank_that_came_out_different(tmp_path, monkeypatch)
     monkeypatch.setattr(sft, "make_bank", shifted)
     with pytest.raises(ValueError, match="the remade example bank differs"):
         sft.main(common)
+
+
+def test_evaluate_table_rows_in_parallel_processes_equal_one_process(tmp_path):
+    # --jobs 2: rows evaluated by two worker processes come back in the order asked, with the same numbers
+    rows = ["a=ground-truth", f"b=ground-truth+{CKPT / 'vae-tiny'}", "c=ground-truth"]
+    one = evaluate.main(eval_args(tmp_path / "one", "--table", *rows))
+    two = evaluate.main(eval_args(tmp_path / "two", "--table", *rows, "--jobs", "2"))
+    assert list(two) == ["a", "b", "c"] and two["a"]["mrc_mean"] != two["b"]["mrc_mean"]
+    for name in one:
+        for key in ("mrc_mean", "fidelity_mean", "size_spread", "diversity"):
+            assert two[name][key] == pytest.approx(one[name][key], abs=1e-5)
+    assert (tmp_path / "one" / "table.md").read_text() == (tmp_path / "two" / "table.md").read_text()
+    with pytest.raises(ValueError, match="--jobs 2: parallel rows are for the CPU"):
+        evaluate.main(eval_args(tmp_path / "gpu", "--table", *rows, "--jobs", "2") + ["--device", "cuda"])
+
+
+def test_checkpoint_curve_averages_seeds_per_setting_and_epoch(tmp_path):
+    from support.run_log import plot_checkpoint_curve, read_checkpoint_curve
+    rows = {"kl@0/1": 0.11, "kl@8/1": 0.10, "kl@8/2": 0.08, "nokl@9/1": 0.07, "sft-base": 0.5, "kl-best/1": 0.5}
+    for name, mrc in rows.items():
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"mrc_mean": mrc, "diversity": 2 * mrc}))
+    curve = read_checkpoint_curve(str(tmp_path), "mrc_mean")   # rows not named SETTING@EPOCH/SEED are not read
+    assert curve == {"kl": {0: 0.11, 8: pytest.approx(0.09)}, "nokl": {9: 0.07}}
+    out = plot_checkpoint_curve(str(tmp_path), str(tmp_path / "curve.png"), keys=("mrc_mean", "diversity"))
+    assert Image.open(out).size == (2 * 420, 300)
+    with pytest.raises(FileNotFoundError, match="no rows named SETTING@EPOCH/SEED"):
+        read_checkpoint_curve(str(tmp_path / "kl-best"), "mrc_mean")
+
+
+def test_line_plot_series_with_their_own_x_values(tmp_path):
+    # a dict series is drawn at its own x: one point at x = 2 lands at the right end of the axis, not at x = 0
+    path = tmp_path / "plot.png"
+    images.line_plot(str(path), [0, 1, 2], {"a": [0.1, 0.2, 0.3], "b": {2: 0.2}}, "x", "y", size=(300, 200))
+    img = np.asarray(Image.open(path).convert("RGB"))
+    ys, xs = np.nonzero((img == (31, 119, 180)).all(-1))
+    plot_area = xs[ys > 60]                                   # below the legend (same colour, top right, y < 50)
+    assert len(plot_area) and plot_area.min() >= 300 - 130 - 4   # the right edge of the axes (right margin 130)
