@@ -99,13 +99,13 @@ def plot_validation(run_dirs, out, keys=("val_mrc", "val_fidelity", "val_kl")):
     # One panel per key (validation epochs on x), one line per run: the README's RL curves, so that a lower MRC
     # bought with fidelity or KL is visible next to it.
     def curves(key):
-        out = {}
+        series = {}
         for run in run_dirs:
             rows = [r for r in read_metrics(run) if key in r]
             if not rows:
                 raise KeyError(f"{run}/metrics.jsonl has no {key!r} (val_fidelity: toy world only)")
-            out[os.path.basename(os.path.normpath(run))] = {r["epoch"]: r[key] for r in rows}
-        return out
+            series[os.path.basename(os.path.normpath(run))] = {r["epoch"]: r[key] for r in rows}
+        return series
     return _panels(out, keys, curves, "")
 
 
