@@ -1,7 +1,7 @@
 # Checkpoints that are never half-written and resume exactly: rank 0 writes into a temporary directory and
 # renames it when complete (atomic on POSIX); trainer_state.json, written last, marks completeness. Every rank
 # enters save/load together and meets at a barrier, never inside a collective that only rank 0 runs (the
-# multi-GPU hang of ddpo-pytorch issue #13). Support code for train.py.
+# multi-GPU hang of kvablack/ddpo-pytorch issue #13). Support code for train.py.
 import dataclasses
 import json
 import os

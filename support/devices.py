@@ -32,7 +32,7 @@ def is_dist():
 
 def wrap_ddp(module, device):
     # The LoRA gradients are all-reduced by DDP only if the forward runs through the wrapper (the bug that
-    # ddpo-pytorch fixed in commit 5955244, diffusers issue #4046).
+    # kvablack/ddpo-pytorch fixed in commit 5955244, huggingface/diffusers issue #4046).
     if not is_dist():
         return module
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
