@@ -253,6 +253,8 @@ def main(argv=None):
     p.add_argument("--orbit-size", type=int, default=ORBIT_SIZE, help="orbit GIF frame size in pixels")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1 (rows evaluated at once), got {args.jobs}")
     if args.robustness or args.table:
         return robustness(args, device) if args.robustness else table(args, device)
     if args.through_vae and not args.ground_truth:

@@ -547,6 +547,8 @@ def test_evaluate_table_rows_in_parallel_processes_equal_one_process(tmp_path):
     assert (tmp_path / "one" / "table.md").read_text() == (tmp_path / "two" / "table.md").read_text()
     with pytest.raises(ValueError, match="--jobs 2: parallel rows are for the CPU"):
         evaluate.main(eval_args(tmp_path / "gpu", "--table", *rows, "--jobs", "2") + ["--device", "cuda"])
+    with pytest.raises(ValueError, match="--jobs must be >= 1"):
+        evaluate.main(eval_args(tmp_path / "none", "--table", *rows, "--jobs", "0"))
 
 
 def test_checkpoint_curve_averages_seeds_per_setting_and_epoch(tmp_path):
