@@ -106,6 +106,12 @@ def one_mode(args, compiled):
     throughput = Throughput(policy, reward_fn, device, cfg, plan, 1)
     if compiled:
         # as train.main does, after counting FLOPs on the eager UNet (--compile-mode: an experiment train.py lacks)
+        if args.compile_mode == "reduce-overhead":
+            # CUDA graphs without Inductor's graph trees: with trees (torch 2.11) the update's backward fails with
+            # "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run" (toy and paper
+            # setup alike); with one graph per compiled shape it runs (README, Benchmarks)
+            import torch._inductor.config as inductor_config
+            inductor_config.triton.cudagraph_trees = False
         policy.unet.compile(dynamic=False, mode=args.compile_mode)
     prompts = [f"prompt {i}" for i in range(plan.samples_per_epoch)] if not args.toy else \
         load_prompts("toy:train", plan.samples_per_epoch)
