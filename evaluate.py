@@ -82,16 +82,22 @@ def build_reward(args, device):
 
 
 @torch.no_grad()
-def diversity(views, lpips_model):
-    """Mean pairwise LPIPS between the samples of each prompt, averaged over views and prompts."""
+def per_prompt_diversity(views, lpips_model):
+    """(P, S, 4, 3, H, W) -> (P,): mean pairwise LPIPS between the S samples of each prompt, averaged over the
+    views; in fp32 whatever the views' dtype (train.py's validation calls it on bf16 rollouts too)."""
     P, S = views.shape[:2]
     if S < 2:
-        return float("nan")
+        return torch.full((P,), float("nan"))
     pairs = [(a, b) for a in range(S) for b in range(a + 1, S)]
-    x = torch.stack([views[:, a] for a, _ in pairs], 1).flatten(0, 2)
-    y = torch.stack([views[:, b] for _, b in pairs], 1).flatten(0, 2)
+    x = torch.stack([views[:, a] for a, _ in pairs], 1).flatten(0, 2).float()
+    y = torch.stack([views[:, b] for _, b in pairs], 1).flatten(0, 2).float()
     d = torch.cat([lpips_model(x[i:i + 256], y[i:i + 256], normalize=True).flatten() for i in range(0, len(x), 256)])
-    return d.mean().item()
+    return d.view(P, -1).mean(1).cpu()
+
+
+def diversity(views, lpips_model):
+    """Mean pairwise LPIPS between the samples of each prompt, averaged over views and prompts (nan for 1 sample)."""
+    return per_prompt_diversity(views, lpips_model).mean().item()
 
 
 def within_prompt_corr(a, b):

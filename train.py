@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 import toy
+from evaluate import per_prompt_diversity
 from fidelity import fidelity
 from kl import adapt_kl_coeff, advantages_with_kl, kl_estimate
 from mvdream import MVDreamPolicy
@@ -35,8 +36,7 @@ from reward import MRCReward, load_lpips
 from sample import sample_trajectories
 from stat_tracking import PerPromptStatTracker
 from support import checkpoint, devices
-from support.config import batch_plan, print_plan, save_resolved
-from support.config import load_config as _load_config
+from support.config import batch_plan, load_config as _load_config, print_plan, save_resolved
 from support.flops import Throughput
 from support.prompts import epoch_prompts, load_prompts
 from support.run_log import Logger
@@ -69,6 +69,7 @@ class Config:  # one flat config, one comment per field; YAML keys have the same
     num_train_prompts: int = 0            # N training prompts evenly spread over the source (0 = all; Carve3D 30)
     val_prompts: str = "toy:test"         # prompts for validation, same forms
     num_val_prompts: int = 8              # N validation prompts, each with a fixed initial noise
+    num_val_samples: int = 1              # samples per val prompt, each its own fixed noise (>= 2: val diversity)
     # --- sampling (Carve3D: 100 steps, eta 1, guidance 5)
     num_steps: int = 20                   # DDIM steps per trajectory
     eta: float = 1.0                      # DDIM stochasticity; 1 = DDPM posterior variance (a stochastic policy)
@@ -108,6 +109,7 @@ class Config:  # one flat config, one comment per field; YAML keys have the same
     # --- checkpoint selection (support/checkpoint.py BestCheckpoint): best/ = lowest val MRC among validations
     best_max_val_kl: float = 0.0          # ... whose val KL is at most this (0 = no limit; Carve3D stops on KL)
     best_max_fidelity_drop: float = 0.05  # ... and, in the toy world, whose val fidelity is within this of epoch 0's
+    best_min_diversity: float = 0.0       # ... and whose val diversity is at least this fraction of epoch 0's (0 = off)
     # --- logging
     log_images: int = 4                   # objects in each epoch's captioned image grid (0 = none)
 
@@ -120,10 +122,8 @@ load_config = partial(_load_config, Config)  # (path, overrides) -> Config; erro
 
 def build_models(cfg, device):
     if cfg.random_init:
-        if cfg.world == "toy":
-            policy = MVDreamPolicy.tiny(vocab=toy.VOCAB, seed=cfg.seed, elevation=cfg.elevation)
-        else:
-            policy = MVDreamPolicy.random_init("sd21-4view", seed=cfg.seed, elevation=cfg.elevation)
+        policy = (MVDreamPolicy.tiny(vocab=toy.VOCAB, seed=cfg.seed, elevation=cfg.elevation) if cfg.world == "toy"
+                  else MVDreamPolicy.random_init("sd21-4view", seed=cfg.seed, elevation=cfg.elevation))
         torch.manual_seed(cfg.seed)
         lgm = LGM(cfg.lgm_config)
     else:
@@ -165,14 +165,17 @@ def rollout(cfg, policy, reward_fn, prompts, micro, generators, autocast, with_r
 
 
 def validate(cfg, policy, reward_fn, val_prompts, plan, rank, world, autocast, logger, epoch):
-    """MRC, KL (and toy fidelity) on fixed prompts with fixed initial and step noise (Carve3D's val)."""
-    mine = list(range(rank, len(val_prompts), world))
-    prompts, out = [val_prompts[i] for i in mine], {}
-    if mine:
-        out = rollout(cfg, policy, reward_fn, prompts, plan.micro_batch_size,
-                      [make_generator("cpu", cfg.seed, "val", i) for i in mine], autocast, cfg.kl_log)
+    """MRC, KL, toy fidelity (and diversity: num_val_samples >= 2) on fixed prompts and noise (Carve3D's val)."""
+    mine, S = list(range(rank, len(val_prompts), world)), cfg.num_val_samples
+    prompts, out = [val_prompts[i] for i in mine for _ in range(S)], {}
+    if mine:  # sample 0 of prompt i draws the noise it drew when validation had one sample per prompt
+        gens = [make_generator("cpu", cfg.seed, "val", *((i, s) if s else (i,))) for i in mine for s in range(S)]
+        out = rollout(cfg, policy, reward_fn, prompts, plan.micro_batch_size, gens, autocast, cfg.kl_log)
         logger.grid(epoch, "val", out["views"], [f"{p} | MRC {m:.3f}" for p, m in zip(prompts, out["mrc"].tolist())])
     gathered = {"val_mrc": out.get("mrc", torch.zeros(0))}
+    if S > 1:
+        gathered["val_diversity"] = per_prompt_diversity(out["views"].unflatten(0, (len(mine), S)),
+                                                         reward_fn.lpips_model) if out else torch.zeros(0)
     if cfg.kl_log:
         gathered["val_kl"] = kl_estimate(out["log_probs"], out["ref_log_probs"]) if out else torch.zeros(0)
     if cfg.world == "toy":
@@ -237,11 +240,9 @@ def main(argv):
     optimizer = torch.optim.AdamW(lora_params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     model = devices.wrap_ddp(policy, device)  # the training forward goes through DDP: LoRA grads are all-reduced
-    trackers = {"reward": PerPromptStatTracker(plan.buffer_size, plan.min_count),
-                "kl": PerPromptStatTracker(plan.buffer_size, plan.min_count)}
-    ckpt, start_epoch, counters = checkpoint.resume(cfg, policy, optimizer, trackers,
-                                                    {"global_step": 0, "skipped_updates": 0,
-                                                     "kl_mean_coeff": cfg.kl_mean_coeff}, rank)
+    trackers = {key: PerPromptStatTracker(plan.buffer_size, plan.min_count) for key in ("reward", "kl")}
+    counters = {"global_step": 0, "skipped_updates": 0, "kl_mean_coeff": cfg.kl_mean_coeff}
+    ckpt, start_epoch, counters = checkpoint.resume(cfg, policy, optimizer, trackers, counters, rank)
     best = checkpoint.BestCheckpoint(cfg, counters)
     logger = Logger(cfg, rank, start_epoch)
     throughput = Throughput(policy, reward_fn, device, cfg, plan, world)  # counts FLOPs on the eager UNet
@@ -255,8 +256,7 @@ def main(argv):
         print(f"resumed from {ckpt} (next epoch {start_epoch})" if ckpt else "starting a new run")
         print(throughput.describe())
 
-    bar = tqdm(range(start_epoch, cfg.num_epochs), disable=rank != 0, initial=start_epoch, total=cfg.num_epochs,
-               desc="epochs")
+    bar = tqdm(range(start_epoch, cfg.num_epochs), disable=rank != 0, initial=start_epoch, total=cfg.num_epochs)
     for epoch in bar:
         throughput.start_epoch()
         # ---- sampling + reward (Carve3D Sec. 3, Fig. 2)

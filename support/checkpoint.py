@@ -81,10 +81,12 @@ class BestCheckpoint:
     """Writes run_dir/checkpoints/best/ (the LoRA + best.json) whenever a validation beats the best so far.
 
     Rule: the lowest val MRC among the validations (epoch 0 = the starting policy included) whose val KL is at
-    most best_max_val_kl (if > 0; Carve3D stops training at an empirically safe KL) and, in the toy world, whose
-    val fidelity is within best_max_fidelity_drop of epoch 0's: a lower MRC bought by losing the prompt (reward
-    hacking: every prompt collapsing to one blob reconstructs well) never counts as better. The state lives in
-    the run's counters, so a resumed run keeps choosing exactly as an uninterrupted one."""
+    most best_max_val_kl (if > 0; Carve3D stops training at an empirically safe KL), in the toy world whose
+    val fidelity is within best_max_fidelity_drop of epoch 0's, and (if best_min_diversity > 0, with
+    num_val_samples >= 2) whose val diversity is at least best_min_diversity times epoch 0's: a lower MRC bought
+    by losing the prompt (reward hacking: every prompt collapsing to one blob reconstructs well) or by drawing
+    every sample of a prompt alike never counts as better. The state lives in the run's counters, so a resumed
+    run keeps choosing exactly as an uninterrupted one."""
 
     def __init__(self, cfg, counters):
         self.cfg, self.counters = cfg, counters
@@ -92,9 +94,14 @@ class BestCheckpoint:
         counters.setdefault("best_val_mrc", float("inf"))
 
     def qualifies(self, epoch, metrics):
-        if epoch == 0 and "val_fidelity" in metrics:
-            self.counters["val_fidelity_0"] = metrics["val_fidelity"]
+        for key in ("val_fidelity", "val_diversity"):
+            if epoch == 0 and key in metrics:
+                self.counters[f"{key}_0"] = metrics[key]
         if self.cfg.best_max_val_kl > 0 and metrics.get("val_kl", 0.0) > self.cfg.best_max_val_kl:
+            return False
+        diversity_0 = self.counters.get("val_diversity_0")
+        if self.cfg.best_min_diversity > 0 and diversity_0 is not None and \
+                metrics["val_diversity"] < self.cfg.best_min_diversity * diversity_0:
             return False
         start = self.counters.get("val_fidelity_0")
         return "val_fidelity" not in metrics or start is None or \

@@ -14,9 +14,9 @@ _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 CHOICES = {"mixed_precision": ("bf16", "no"), "nonfinite": ("skip", "stop"), "world": ("toy", "paper"),
            "device": ("auto", "cuda", "cpu"), "lgm_config": ("tiny", "big")}
 POSITIVE = ("num_epochs", "save_every", "val_every", "num_steps", "samples_per_epoch", "micro_batch_size",
-            "updates_per_epoch", "num_inner_epochs", "lora_rank")
+            "updates_per_epoch", "num_inner_epochs", "lora_rank", "num_val_samples")
 NON_NEGATIVE = ("stat_buffer_size", "stat_min_count", "num_train_prompts", "num_val_prompts", "best_max_val_kl",
-                "kl_mean_coeff", "kl_target")
+                "kl_mean_coeff", "kl_target", "best_min_diversity")
 # Per-GPU batch keys of earlier versions: the config now states totals (support/batch_plan.py).
 REPLACED = {k: "samples_per_epoch (total over all GPUs), updates_per_epoch and micro_batch_size (per GPU)"
             for k in ("sample_batch_size", "num_batches_per_epoch", "train_batch_size", "gradient_accumulation_steps")}
@@ -81,6 +81,9 @@ def check_config(cfg, path):
     if (cfg.kl_mean_coeff > 0 or cfg.kl_target > 0) and not cfg.kl_penalty:
         raise ValueError(f"{path}: config keys 'kl_mean_coeff' / 'kl_target' need the reference pass while sampling: "
                          f"set kl_penalty: true")
+    if cfg.best_min_diversity > 0 and cfg.num_val_samples < 2:
+        raise ValueError(f"{path}: config key 'best_min_diversity' needs the val diversity, which needs two or more "
+                         f"samples per val prompt: set num_val_samples: 2")
     if cfg.kl_target > 0 and not cfg.kl_mean_coeff > 0:
         raise ValueError(f"{path}: config key 'kl_target' adapts kl_mean_coeff, which is 0: give it a start value")
     # What does not depend on the number of ranks is checked before any launch; the rest when it is known.

@@ -34,7 +34,8 @@ TINY = dict(random_init=True, device="cpu", mixed_precision="no", seed=42, num_s
             num_train_prompts=2, num_val_prompts=2, stat_min_count=1, stat_buffer_size=8, val_every=1000,
             log_images=0, lora_rank=4, lora_alpha=8.0, per_prompt_stat_tracking=True, kl_penalty=True,
             kl_in_reward=True, kl_per_prompt_stat_tracking=True, kl_normalized_coeff=0.2, save_every=1,
-            resume="auto", nonfinite="skip", wandb=False, elevation=15.0, learning_rate=4e-3)
+            resume="auto", nonfinite="skip", wandb=False, elevation=15.0, learning_rate=4e-3, num_val_samples=1,
+            best_min_diversity=0.0)
 # Metrics that depend only on the computation (not on timings).
 DETERMINISTIC_METRICS = ("val_mrc", "val_kl", "reward_mean", "reward_std", "kl_mean", "kl_std", "approx_kl",
                          "clipfrac", "ratio_dev", "loss", "grad_norm", "skipped", "global_step", "skipped_updates")
@@ -576,6 +577,35 @@ def test_best_checkpoint_rule_and_directory(run_a, tmp_path):
     assert rule.qualifies(4, {"val_mrc": 0.4, "val_kl": 0.005, "val_fidelity": 0.76})
     assert not rule.qualifies(8, {"val_mrc": 0.3, "val_kl": 0.02, "val_fidelity": 0.80})  # KL too far
     assert not rule.qualifies(9, {"val_mrc": 0.2, "val_kl": 0.0, "val_fidelity": 0.74})   # lost the prompt
+    # ... and, with best_min_diversity, within the diversity kept (a fraction of epoch 0's val diversity)
+    cfg = train.load_config(TOY_YAML, overrides(tmp_path, num_val_samples=2, best_min_diversity=0.85))
+    rule = checkpoint.BestCheckpoint(cfg, {})
+    assert rule.qualifies(0, {"val_mrc": 0.5, "val_kl": 0.0, "val_fidelity": 0.8, "val_diversity": 0.20})
+    assert rule.qualifies(4, {"val_mrc": 0.4, "val_kl": 0.0, "val_fidelity": 0.8, "val_diversity": 0.18})
+    assert not rule.qualifies(8, {"val_mrc": 0.3, "val_kl": 0.0, "val_fidelity": 0.8, "val_diversity": 0.16})
+    with pytest.raises(ValueError, match="'best_min_diversity'.*num_val_samples: 2"):
+        train.load_config(TOY_YAML, overrides(tmp_path, num_val_samples=1, best_min_diversity=0.85))
+
+
+def test_validation_with_two_samples_per_prompt_keeps_sample_0s_noise_and_measures_diversity(tmp_path, one_thread):
+    cfg1 = train.load_config(TOY_YAML, overrides(tmp_path))
+    cfg2 = train.load_config(TOY_YAML, overrides(tmp_path, num_val_samples=2))
+    policy, reward_fn = train.build_models(cfg1, torch.device("cpu"))
+    plan = batch_plan(cfg1, 1, cfg1.num_train_prompts)
+    val_prompts = prompt_sources.load_prompts(cfg1.val_prompts, cfg1.num_val_prompts)
+    grids = []
+    logger = type("Grids", (), {"grid": lambda self, epoch, name, views, captions: grids.append(views)})()
+    autocast = train.partial(train.devices.autocast, torch.device("cpu"), False)
+    one = train.validate(cfg1, policy, reward_fn, val_prompts, plan, 0, 1, autocast, logger, 0)
+    two = train.validate(cfg2, policy, reward_fn, val_prompts, plan, 0, 1, autocast, logger, 0)
+    assert "val_diversity" not in one and len(grids[1]) == 2 * len(val_prompts)
+    assert torch.equal(grids[1][0::2], grids[0])           # sample 0 of each prompt: the one-sample val's noise
+    assert not torch.equal(grids[1][1::2], grids[0])       # sample 1: its own noise
+    # diversity by brute force: LPIPS of the two samples of a prompt, view by view
+    lpips_model = reward_fn.lpips_model
+    d = [lpips_model(grids[1][2 * p, v:v + 1], grids[1][2 * p + 1, v:v + 1], normalize=True).item()
+         for p in range(len(val_prompts)) for v in range(4)]
+    assert two["val_diversity"] == pytest.approx(sum(d) / len(d), rel=1e-5) and two["val_diversity"] > 0
 
 
 def test_multi_update_ppo_compares_later_steps_with_the_sampled_log_probs():
