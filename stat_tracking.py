@@ -1,5 +1,5 @@
 # Per-prompt reward normalisation (DDPO's PerPromptStatTracker; Carve3D keeps it and adds a second one for the
-# KL, Sec. 4.2): each prompt's reward is z-scored against that prompt's recent history, so prompts that are
+# KL, Carve3D Sec. 4.2): each prompt's reward is z-scored against that prompt's recent history, so prompts that are
 # easy or hard for the reconstructor weigh the same. Re-implements kvablack/ddpo-pytorch
 # ddpo_pytorch/stat_tracking.py (append first, then normalise; population std + 1e-6; the whole batch's
 # statistics while a prompt has fewer than min_count values) and adds a JSON state, so that a resumed run
