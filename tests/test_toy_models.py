@@ -97,9 +97,10 @@ def test_shipped_mvdream_checkpoints_load_strictly_and_sample_at_documented_shap
         assert traj["latents"].shape == (1, 2, 4, 4, 16, 16)
 
 
-# rl-gpu: a GPU run's best/ (epoch 18); rl-cpu: the CPU main job's last LoRA (epoch 19), whose best/ stayed at epoch 0
-# (no validation improved on the start: README). fidelity_0: each run's epoch-0 val fidelity (its metrics.jsonl).
-@pytest.mark.parametrize("name, best_epoch, fidelity_0", [("rl-cpu", 0, 0.7586), ("rl-gpu", 18, 0.7162)])
+# rl-gpu: GPU run kld-1's best/ (epoch 14, chosen with the diversity condition); rl-cpu: the CPU main job's last LoRA
+# (epoch 19), whose best/ stayed at epoch 0 (no validation improved on the start: README). fidelity_0: each run's
+# epoch-0 val fidelity (its metrics.jsonl).
+@pytest.mark.parametrize("name, best_epoch, fidelity_0", [("rl-cpu", 0, 0.7586), ("rl-gpu", 14, 0.6701)])
 def test_shipped_rl_lora_loads_onto_sft_base_and_changes_its_samples(name, best_epoch, fidelity_0):
     folder = CKPT / name
     policy = MVDreamPolicy.from_pretrained(str(SFT_BASE))
@@ -110,6 +111,10 @@ def test_shipped_rl_lora_loads_onto_sft_base_and_changes_its_samples(name, best_
     assert best["epoch"] == best_epoch and best["metrics"]["val_fidelity"] >= fidelity_0 - 0.05
     config = yaml.safe_load((folder / "train_config.yaml").read_text())
     assert config["policy"] == str(SFT_BASE.relative_to(ROOT)) and config["lgm"] == str(LGM_FILE.relative_to(ROOT))
+    if config.get("best_min_diversity", 0) > 0:  # the rule's diversity condition held at the chosen validation
+        start = json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])
+        assert start["epoch"] == 0 and start["best_epoch"] == 0
+        assert best["metrics"]["val_diversity"] >= config["best_min_diversity"] * start["val_diversity"]
     traj = sample_trajectories(policy, ["a red cube"], num_steps=3, guidance_scale=5.0, generator=gen(0))
     with policy.disable_adapters():
         base = sample_trajectories(policy, ["a red cube"], num_steps=3, guidance_scale=5.0, generator=gen(0))
