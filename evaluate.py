@@ -176,15 +176,19 @@ def table(args, device):
 def _run_rows(rows, device, jobs):
     # --jobs N: rows in N worker processes that split the CPU's threads. The tiny UNet's kernels scale badly over
     # threads (2 cores: a sampled row takes 1.7x less time on 2 threads than on 1), so two one-thread rows at a time
-    # finish sooner: the README's 7-row table in 5 min 55 s instead of 6 min 21 s.
+    # finish sooner (the README's 7-row table: 5 min 55 s instead of 6 min 21 s).
     if jobs <= 1:
         return [evaluate(row, device) for row in rows]
     if device.type != "cpu":
         raise ValueError(f"--jobs {jobs}: parallel rows are for the CPU (device {device}); use --jobs 1")
+    # Longest first: a sampled row costs ~2.5x a ground-truth row, so those start first and the ground-truth rows
+    # fill the last gap (7 rows on 2 workers: the fifth sampled row no longer runs alone after them).
+    order = sorted(range(len(rows)), key=lambda i: rows[i].ground_truth)
     threads = max(1, torch.get_num_threads() // jobs)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        return list(pool.map(evaluate, rows, [device] * len(rows)))
+        done = dict(zip(order, pool.map(evaluate, [rows[i] for i in order], [device] * len(rows))))
+    return [done[i] for i in range(len(rows))]
 
 
 def _group_line(group, metrics):
