@@ -1,10 +1,10 @@
 """Carve3D: RL finetuning of MVDream for multi-view reconstruction consistency (Xie et al., CVPR 2024, Sec. 4).
 
 One epoch = sample 4-view trajectories with the LoRA policy (sample.py) -> MRC reward through LGM
-(reward.py, Sec. 3) -> per-prompt normalised reward minus normalised KL to the SFT model (kl.py, Sec. 4.2)
--> one pure on-policy PPO update over all samples and timesteps (ppo.py, Sec. 4.2) -> validation. Epoch 0
-only fills the stat trackers (Carve3D's warm-up). The config states totals; per-GPU batches follow from the
-number of GPUs. Plumbing (config, batch plan, torchrun, checkpoints, logs, MFU) is in support/.
+(reward.py, Carve3D Sec. 3) -> per-prompt normalised reward minus normalised KL to the SFT model (kl.py,
+Carve3D Sec. 4.2) -> one pure on-policy PPO update over all samples and timesteps (ppo.py, Carve3D Sec. 4.2)
+-> validation. Epoch 0 only fills the stat trackers (Carve3D's warm-up). The config states totals; per-GPU
+batches follow from the number of GPUs. Plumbing (config, batch plan, torchrun, checkpoints, logs, MFU): support/.
 
 Launch:
     python train.py toy.yaml                                               # 1 process (CPU or 1 GPU)
