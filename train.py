@@ -247,7 +247,7 @@ def main(argv):
     logger = Logger(cfg, rank, start_epoch)
     throughput = Throughput(policy, reward_fn, device, cfg, plan, world)  # counts FLOPs on the eager UNet
     if cfg.compile and device.type == "cuda":
-        policy.unet.compile(dynamic=False)  # sampling and training share the micro-batch: few recompiles
+        devices.compile_models(policy, reward_fn)  # the UNet, the VAE decoder, LGM
     if rank == 0:
         save_resolved(cfg, cfg.run_dir)
         print(plan.describe())

@@ -97,6 +97,7 @@ def one_mode(args, compiled):
     cfg = config(args, compiled)
     device = torch.device(args.device)
     plan = batch_plan(cfg, 1, cfg.num_train_prompts).validate()
+    cfg = dataclasses.replace(cfg, micro_batch_size=plan.micro_batch_size)  # at most the samples (batch_plan)
     policy, reward_fn = train.build_models(cfg, device)
     with torch.no_grad():
         reward_fn.lgm.conv.bias[4:7] = -2.0  # small Gaussians, as a trained LGM emits (see the header)
@@ -112,7 +113,7 @@ def one_mode(args, compiled):
             # setup alike); with one graph per compiled shape it runs (README, Benchmarks)
             import torch._inductor.config as inductor_config
             inductor_config.triton.cudagraph_trees = False
-        policy.unet.compile(dynamic=False, mode=args.compile_mode)
+        devices.compile_models(policy, reward_fn, mode=args.compile_mode)
     prompts = [f"prompt {i}" for i in range(plan.samples_per_epoch)] if not args.toy else \
         load_prompts("toy:train", plan.samples_per_epoch)
 

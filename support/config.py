@@ -95,7 +95,11 @@ def check_config(cfg, path):
 
 
 def batch_plan(cfg, world_size, num_prompts=0):
-    return BatchPlan(world_size, cfg.samples_per_epoch, cfg.updates_per_epoch, cfg.micro_batch_size, cfg.num_steps,
+    # micro_batch_size is the most that fits one GPU; a rank with fewer samples per optimizer step takes them
+    # all in one call (config.yaml's 32 is 16 on 48 GPUs, Carve3D's per-GPU batch)
+    per_rank = cfg.samples_per_epoch // max(1, cfg.updates_per_epoch) // world_size
+    micro = min(cfg.micro_batch_size, per_rank) if per_rank >= 1 else cfg.micro_batch_size
+    return BatchPlan(world_size, cfg.samples_per_epoch, cfg.updates_per_epoch, micro, cfg.num_steps,
                      cfg.timestep_fraction, cfg.num_inner_epochs, num_prompts, cfg.stat_buffer_size,
                      cfg.stat_min_count)
 

@@ -68,11 +68,12 @@ def plan_cli(*args):
 
 
 def test_plan_cli_prints_the_totals_and_refuses_a_bad_plan():
-    ok = [plan_cli("config.yaml", "--plan", str(n)) for n in (1, 8)]
+    ok = [plan_cli("config.yaml", "--plan", str(n)) for n in (1, 8, 48)]
     for proc in ok:
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert int(re.search(r"samples per epoch\s+(\d+)", proc.stdout).group(1)) == 768
-    assert "96 = 6 micro-batches x 16 prompts" in ok[1].stdout
+    assert "96 = 3 micro-batches x 32 prompts" in ok[1].stdout
+    assert "16 = 1 micro-batches x 16 prompts" in ok[2].stdout  # micro_batch_size 32 is at most 32: Carve3D's 16
     bad = plan_cli("config.yaml", "--plan", "7")
     assert bad.returncode != 0 and "7 ranks" in bad.stderr and "models" not in bad.stdout
     bad = plan_cli("config.yaml", "--plan", "1", "stat_min_count=26")  # 30 x 26 > 768: warm-up coverage
