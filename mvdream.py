@@ -22,7 +22,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from support import mvdream_weights as weights
+from support import lora_kernel, mvdream_weights as weights
 from support.mvdream_weights import SD21_TEXT_CONFIG, SD21_VAE_CONFIG, HashTokenizer, WordTokenizer
 
 # ---------------------------------------------------------------------------------------------------
@@ -98,7 +98,8 @@ class MultiViewAttnProcessor:
                              "the batch must hold whole objects with their views contiguous")
         x = hidden_states.reshape(BF // frames, frames * L, C)
         context = x if encoder_hidden_states is None else encoder_hidden_states
-        q, k, v = attn.to_q(x), attn.to_k(context), attn.to_v(context)
+        qkv = lora_kernel.shared_input((attn.to_q, attn.to_k, attn.to_v), x) if encoder_hidden_states is None else None
+        q, k, v = qkv or (attn.to_q(x), attn.to_k(context), attn.to_v(context))
         q, k, v = (t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
         out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
@@ -270,6 +271,13 @@ class MVDreamPolicy(nn.Module):
             else:
                 p.requires_grad_(False)
         self.lora_config = config
+
+    def fuse_lora(self, enabled=True):
+        # LoRA layers as one GEMM each (support/lora_kernel.py): same function, fewer passes over activations
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        for m in self.unet.modules():
+            if isinstance(m, LoraLinear):
+                (lora_kernel.fuse if enabled else lora_kernel.unfuse)(m)
 
     @contextlib.contextmanager
     def disable_adapters(self):

@@ -406,6 +406,30 @@ def test_lora_init_disable_and_train_step():
     assert all(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)
 
 
+def test_fused_lora_computes_peft_lora(trained_lora_policy):
+    # support/lora_kernel.py: [x | x A^T] @ [W | s B]^T with a hand-written backward = peft's base(x) + s B(A(x)):
+    # outputs and LoRA gradients agree in fp32 (to rounding), adapters off is the base exactly, unfuse restores peft
+    policy = trained_lora_policy()
+    x, t, emb = _inputs(policy)
+    params = [p for p in policy.parameters() if p.requires_grad]
+
+    def run():
+        eps = policy(x, t, emb, 3.0)
+        grads = torch.autograd.grad(eps.square().mean(), params)
+        with torch.no_grad(), policy.disable_adapters():
+            return eps.detach(), grads, policy(x, t, emb, 3.0)
+
+    eps0, g0, base0 = run()
+    policy.fuse_lora()
+    eps1, g1, base1 = run()
+    assert torch.equal(base1, base0)
+    assert (eps1 - eps0).abs().max() < 1e-4 * eps0.abs().max() and (eps0 - base0).abs().max() > 1e-3
+    for a, b in zip(g1, g0):
+        assert (a - b).norm() <= 1e-4 * b.norm() and b.norm() > 0
+    policy.fuse_lora(False)
+    assert torch.equal(run()[0], eps0)
+
+
 @pytest.fixture
 def trained_lora_policy(fill_lora_up):
     def make(seed=2):
