@@ -55,8 +55,10 @@ class Config:  # one flat config, one comment per field; YAML keys have the same
     device: str = "auto"                  # auto (cuda if available), cuda or cpu
     mixed_precision: str = "bf16"         # CUDA: bf16 frozen weights + fp32 LoRA under bf16 autocast; "no" = fp32
     compile: bool = True                  # CUDA: torch.compile the UNet (false: eager)
+    fused_lora: bool = False              # each LoRA layer as one GEMM (support/lora_kernel.py; false: peft's layers)
     nonfinite: str = "skip"               # non-finite loss/grad: skip the update on every rank (and count) or stop
     wandb: bool = False                   # also log to Weights & Biases (needs `pip install wandb`)
+    log_images: int = 4                   # objects in each epoch's captioned image grid (0 = none)
     # --- models
     world: str = "toy"                    # toy (tiny MVDream/LGM, 64 px) or paper (MVDream sd21-4view + LGM big)
     policy: str = "checkpoints/toy/sft-base"   # MVDream: local dir/file or hub id
@@ -110,8 +112,6 @@ class Config:  # one flat config, one comment per field; YAML keys have the same
     best_max_val_kl: float = 0.0          # ... whose val KL is at most this (0 = no limit; Carve3D stops on KL)
     best_max_fidelity_drop: float = 0.05  # ... and, in the toy world, whose val fidelity is within this of epoch 0's
     best_min_diversity: float = 0.0       # ... and whose val diversity is at least this fraction of epoch 0's (0 = off)
-    # --- logging
-    log_images: int = 4                   # objects in each epoch's captioned image grid (0 = none)
 
 
 load_config = partial(_load_config, Config)  # (path, overrides) -> Config; errors name the key and the fix
@@ -135,7 +135,7 @@ def build_models(cfg, device):
                              f"elevation {policy.elevation}; set elevation: {policy.elevation}")
         lgm = LGM.from_pretrained(cfg.lgm, config=cfg.lgm_config)
     frozen = devices.frozen_dtype(device, cfg.mixed_precision)  # bf16 base on CUDA; LoRA stays fp32 (add_lora)
-    policy.to(device, frozen).add_lora(cfg.lora_rank, cfg.lora_alpha)
+    policy.to(device, frozen).add_lora(cfg.lora_rank, cfg.lora_alpha, fused=cfg.fused_lora)
     policy.eval()  # eval throughout: no dropout, so sampling and training forwards agree
     lgm.to(device, frozen).eval().requires_grad_(False)
     reward_fn = MRCReward(lgm, load_lpips("alex").to(device), elevation=cfg.elevation,

@@ -4,7 +4,7 @@
 #                                                  # load: 16 samples, 50 DDIM steps, CFG, KL, micro-batch 16
 #   python bench/epoch.py --device cpu --toy       # toy setup (toy.yaml, random tiny models): a quick check
 #   options: --samples N --micro M --steps S --modes eager,compiled --fp32-check --orbit --profile PREFIX --syncs
-#            --set KEY=VALUE ... --compile-mode MODE --fused-lora
+#            --set KEY=VALUE ... --compile-mode MODE
 #
 # Per stage (sampling with the policy alone, the reference pass, VAE decode, LGM, render, crop + LPIPS, the PPO
 # update): seconds per sample, share of the epoch and peak GPU memory. Then the whole epoch as train.py runs it
@@ -99,8 +99,6 @@ def one_mode(args, compiled):
     plan = batch_plan(cfg, 1, cfg.num_train_prompts).validate()
     cfg = dataclasses.replace(cfg, micro_batch_size=plan.micro_batch_size)  # at most the samples (batch_plan)
     policy, reward_fn = train.build_models(cfg, device)
-    if args.fused_lora:
-        policy.fuse_lora()  # support/lora_kernel.py: each LoRA layer as one GEMM (experiment)
     with torch.no_grad():
         reward_fn.lgm.conv.bias[4:7] = -2.0  # small Gaussians, as a trained LGM emits (see the header)
     autocast = lambda: devices.autocast(device, cfg.mixed_precision == "bf16")  # noqa: E731
@@ -292,7 +290,6 @@ def main():
     p.add_argument("--syncs", action="store_true", help="CUDA: count the host syncs of a 3-step epoch by line")
     p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode of the compiled run (reduce-overhead: CUDA graphs; not in train.py)")
-    p.add_argument("--fused-lora", action="store_true", help="LoRA layers as one GEMM each (support/lora_kernel.py)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. mixed_precision=no")
     args = p.parse_args()
     if args.syncs and args.device != "cuda":
