@@ -3,6 +3,7 @@
 #   python bench/epoch.py --device cuda            # paper setup (config.yaml), random weights, Carve3D's per-GPU
 #                                                  # load: 16 samples, 50 DDIM steps, CFG, KL, micro-batch 16
 #   python bench/epoch.py --device cpu --toy       # toy setup (toy.yaml, random tiny models): a quick check
+#   python bench/epoch.py --device cuda --set fused_lora=false   # peft's LoRA layers instead of one GEMM each
 #   options: --samples N --micro M --steps S --modes eager,compiled --fp32-check --orbit --profile PREFIX --syncs
 #            --set KEY=VALUE ... --compile-mode MODE
 #
