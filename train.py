@@ -54,7 +54,7 @@ class Config:  # one flat config, one comment per field; YAML keys have the same
     val_every: int = 5                    # validation after the update of every N-th epoch (epoch 0: the start)
     device: str = "auto"                  # auto (cuda if available), cuda or cpu
     mixed_precision: str = "bf16"         # CUDA: bf16 frozen weights + fp32 LoRA under bf16 autocast; "no" = fp32
-    compile: bool = True                  # CUDA: torch.compile the UNet (false: eager)
+    compile: bool = True                  # CUDA: torch.compile the UNet, VAE decoder and LGM (false: eager)
     fused_lora: bool = False              # each LoRA layer as one GEMM (support/lora_kernel.py; false: peft's layers)
     nonfinite: str = "skip"               # non-finite loss/grad: skip the update on every rank (and count) or stop
     wandb: bool = False                   # also log to Weights & Biases (needs `pip install wandb`)
