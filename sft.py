@@ -22,10 +22,13 @@ time of the run that made it):
     python sft.py lgm --steps 3000 --out checkpoints/toy/lgm-tiny.safetensors        # the first LGM (git history)
     python sft.py lgm --init checkpoints/toy/lgm-tiny.safetensors --lr 5e-4 --seed 1 --bank 8192 --steps 4000 \
         --max-minutes 7.4 --out checkpoints/toy/lgm-tiny-v2.safetensors  # shipped: continued, stopped at 1,341
-    python sft.py mvdream --bank 12288 --steps 15000 --compile reduce-overhead --max-minutes 7.7 \
-        --snapshot 3000:checkpoints/toy/sft-base --out checkpoints/toy/sft-long  # shipped (one H200 call: 12,856 steps)
-sft-base is the RL starting point; sft-long is the same run continued 4.3x longer (the "longer SFT" baseline; 5x
-was planned, the GPU call ran out). The cosine schedule spans --steps, so the snapshot is taken mid-decay.
+    python sft.py mvdream --bank 12288 --steps 20000 --compile reduce-overhead --state STATE --max-minutes M \
+        --snapshot 3000:checkpoints/toy/sft-base --snapshot 15000:checkpoints/toy/sft-long --out outputs/sft-20000
+        # shipped: one run, continued over three H200 calls; stopped after its 15,000-step snapshot
+sft-base is the RL starting point; sft-long is the same run 5x longer (the "longer SFT" baseline, like Carve3D's
+10K -> 20K/100K). The cosine schedule spans --steps, so both are snapshots taken mid-decay (LR at 95% and 23% of its
+peak). sft-base is the earliest of the run's 3,000/3,500/4,000-step snapshots whose test fidelity reached 0.755
+(README, "The toy world"): the 3,000-step one (0.79).
 A run longer than one GPU call: repeat the same command with --state FILE --max-minutes M; each call saves the
 model at the step it reached and continues exactly where the previous one stopped (tests/test_toy_models.py).
 The MVDream step is launch-bound on a GPU (512 objects per step run at ~19 steps/s on an H200, 128 at ~15), so
