@@ -15,7 +15,7 @@ two checkpoints are compared on identical noise, as Carve3D compares base and fi
   fidelity   toy world only: fidelity.fidelity, whether each view shows the prompt's main object (colour,
              size, shape) and its part (colour, size, shape, side; hidden where ground truth hides it) and
              nothing else, against ground-truth renders of the prompt at that camera (1 = matches, 0 = empty
-             or wrong main colour; formula at the top of fidelity.py).
+             or wrong main colour; formula at the top of toy/fidelity.py).
   size_spread toy world only: fidelity.size_spread, how much the main object's size changes from view to view
              (0 for one object; ~0.25 for 4 independent instances), an inconsistency that needs no LGM.
   mrc_vs_spread  toy world only: within-prompt correlation of MRC and size spread (within_prompt_corr): how well
@@ -40,24 +40,25 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 from diffusers import AutoencoderKL
 
-import toy
-from fidelity import fidelity_and_size_spread
 from mvdream import MVDreamPolicy
 from reconstruct import LGM
 from reward import MRCReward, load_lpips
 from sample import sample_fixed_noise
-from support.devices import autocast
 from support.cli import add_reward_args, add_sampling_args
+from support.devices import autocast
+from support.diversity import diversity
 from support.images import line_plot, save_grid
-from support.prompts import load_prompts
 from support.seeding import make_generator
+from toy import world
+from toy.fidelity import fidelity_and_size_spread
+from toy.prompts import load_prompts
 from view3d import ORBIT_SIZE, export_object, slug
 
 
 def generate(args, prompts, device):
     """(P, S, 4, 3, H, W) samples of the checkpoint (or ground-truth renders) with fixed noise."""
     if args.ground_truth:
-        views = toy.ground_truth_views(prompts, args.seeds, args.seed, args.elevation, device)
+        views = world.ground_truth_views(prompts, args.seeds, args.seed, args.elevation, device)
         return vae_roundtrip(views, args.through_vae, device) if args.through_vae else views
     policy = MVDreamPolicy.from_pretrained(args.checkpoint).to(device).eval()
     if args.lora:
@@ -68,7 +69,7 @@ def generate(args, prompts, device):
 
 
 def vae_roundtrip(views, vae_dir, device, chunk=64):
-    # (..., 3, H, W) in [0, 1] -> encode (posterior mean, as sft.py makes its latents) -> decode -> [0, 1]
+    # (..., 3, H, W) in [0, 1] -> encode (posterior mean, as toy/sft.py makes its latents) -> decode -> [0, 1]
     vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
     x = views.flatten(0, -4) * 2 - 1
     out = torch.cat([vae.decode(vae.encode(c).latent_dist.mean).sample for c in x.split(chunk)])
@@ -79,25 +80,6 @@ def build_reward(args, device):
     lgm = LGM.from_pretrained(args.lgm, config=args.lgm_config).to(device).eval().requires_grad_(False)
     lpips_model = load_lpips("alex").to(device)
     return MRCReward(lgm, lpips_model, elevation=args.elevation, lpips_size=args.lpips_size or None), lpips_model
-
-
-@torch.no_grad()
-def per_prompt_diversity(views, lpips_model):
-    """(P, S, 4, 3, H, W) -> (P,): mean pairwise LPIPS between the S samples of each prompt, averaged over the
-    views; in fp32 whatever the views' dtype (train.py's validation calls it on bf16 rollouts too)."""
-    P, S = views.shape[:2]
-    if S < 2:
-        return torch.full((P,), float("nan"))
-    pairs = [(a, b) for a in range(S) for b in range(a + 1, S)]
-    x = torch.stack([views[:, a] for a, _ in pairs], 1).flatten(0, 2).float()
-    y = torch.stack([views[:, b] for _, b in pairs], 1).flatten(0, 2).float()
-    d = torch.cat([lpips_model(x[i:i + 256], y[i:i + 256], normalize=True).flatten() for i in range(0, len(x), 256)])
-    return d.view(P, -1).mean(1).cpu()
-
-
-def diversity(views, lpips_model):
-    """Mean pairwise LPIPS between the samples of each prompt, averaged over views and prompts (nan for 1 sample)."""
-    return per_prompt_diversity(views, lpips_model).mean().item()
 
 
 def within_prompt_corr(a, b):
@@ -208,18 +190,18 @@ def _group_line(group, metrics):
 def robustness(args, device):
     prompts = load_prompts(args.prompts, args.num_prompts)
     reward_fn, _ = build_reward(args, device)
-    objs = torch.stack([toy.make_object(p, make_generator("cpu", args.seed, "object", i, 0))
+    objs = torch.stack([world.make_object(p, make_generator("cpu", args.seed, "object", i, 0))
                         for i, p in enumerate(prompts)])
-    views = toy.render_views(objs.to(device), args.elevation)
+    views = world.render_views(objs.to(device), args.elevation)
     levels = list(range(args.levels + 1))
     table = {}
-    for kind in toy.DISTORTIONS:
+    for kind in world.DISTORTIONS:
         row = []
         for level in levels:
             distorted = views.clone()
             for i in range(len(prompts)):   # distort MVDream view 1 of every object
                 g = make_generator("cpu", args.seed, "distortion", i)
-                distorted[i, 1] = toy.distort_view(views[i, 1], kind, level, g)
+                distorted[i, 1] = world.distort_view(views[i, 1], kind, level, g)
             row.append(reward_fn(distorted)["mrc"].mean().item())
         table[kind] = row
     monotone = {k: all(b > a for a, b in zip(v, v[1:])) for k, v in table.items()}

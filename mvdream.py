@@ -58,7 +58,7 @@ UNET_CONFIGS = {
 }
 
 
-# The toy world's VAE: diffusers' AutoencoderKL (the class of SD's VAE) at toy size, trained by `sft.py vae` on
+# The toy world's VAE: diffusers' AutoencoderKL (the class of SD's VAE) at toy size, trained by `python -m toy.sft vae` on
 # toy renders: 64x64x3 images <-> 4x16x16 latents (factor 4). scaling_factor is set from the trained latents'
 # std, as SD's 0.18215 was (LDM Sec. 3, Rombach et al. 2022).
 TINY_VAE_CONFIG = dict(
@@ -328,7 +328,7 @@ class MVDreamPolicy(nn.Module):
         # Seeded in a forked RNG: construction does not disturb the caller's global RNG state.
         if not config.get("vae"):
             raise ValueError("from_config: the policy config has no 'vae' entry (a pixel-space toy checkpoint of an "
-                             "earlier version?); retrain it with `sft.py vae` then `sft.py mvdream`")
+                             "earlier version?); retrain it with `python -m toy.sft vae` then `python -m toy.sft mvdream`")
         tok = config["tokenizer"]
         if tok["type"] == "word":
             tokenizer = WordTokenizer(tok["vocab"], tok["max_length"])
@@ -350,8 +350,8 @@ class MVDreamPolicy(nn.Module):
 
     @classmethod
     def tiny(cls, vocab, *, elevation=15.0, seed=0, max_length=16, vae=None):
-        # The toy world's model. elevation 15 = toy.TOY.elevation (MVDream convention, camera above).
-        # vae: a trained toy AutoencoderKL (sft.py vae) to build on; random weights otherwise.
+        # The toy world's model. elevation 15 = world.TOY.elevation (MVDream convention, camera above).
+        # vae: a trained toy AutoencoderKL (toy/sft.py vae) to build on; random weights otherwise.
         tokenizer = WordTokenizer(vocab, max_length)
         vae_config = dict(TINY_VAE_CONFIG) if vae is None else {k: vae.config[k] for k in TINY_VAE_CONFIG}
         config = {"unet": "tiny", "text_encoder": tiny_text_config(tokenizer.vocab_size, max_length),

@@ -25,9 +25,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import toy
-from evaluate import per_prompt_diversity
-from fidelity import fidelity
 from kl import adapt_kl_coeff, advantages_with_kl, kl_estimate
 from mvdream import MVDreamPolicy
 from ppo import ppo_update, summarize
@@ -37,10 +34,14 @@ from sample import sample_trajectories
 from stat_tracking import PerPromptStatTracker
 from support import checkpoint, devices
 from support.config import batch_plan, load_config as _load_config, print_plan, save_resolved
+from support.diversity import per_prompt_diversity
 from support.flops import Throughput
-from support.prompts import epoch_prompts, load_prompts
+from support.prompts import epoch_prompts
 from support.run_log import Logger
 from support.seeding import make_generator
+from toy import world
+from toy.fidelity import fidelity
+from toy.prompts import load_prompts
 
 
 @dataclass
@@ -122,7 +123,7 @@ load_config = partial(_load_config, Config)  # (path, overrides) -> Config; erro
 
 def build_models(cfg, device):
     if cfg.random_init:
-        policy = (MVDreamPolicy.tiny(vocab=toy.VOCAB, seed=cfg.seed, elevation=cfg.elevation) if cfg.world == "toy"
+        policy = (MVDreamPolicy.tiny(vocab=world.VOCAB, seed=cfg.seed, elevation=cfg.elevation) if cfg.world == "toy"
                   else MVDreamPolicy.random_init("sd21-4view", seed=cfg.seed, elevation=cfg.elevation))
         torch.manual_seed(cfg.seed)
         lgm = LGM(cfg.lgm_config)
@@ -226,7 +227,7 @@ def main(argv):
     if len(argv) < 1 or argv[0] in ("-h", "--help"):
         return print(__doc__)
     if "--plan" in argv:  # print the batch plan for N ranks after every check a launch runs, load no model
-        return print_plan(Config, argv)
+        return print_plan(Config, argv, load_prompts)
     cfg = load_config(argv[0], argv[1:])
     rank, world, device = devices.setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed)

@@ -6,7 +6,7 @@ puts models side by side, before and after RL.
     python view3d.py --prompt "a red cube with a blue cone on its left" --rows gt checkpoints/toy/sft-base \\
         checkpoints/toy/sft-base+runs/toy/checkpoints/epoch_0019 --out docs/orbit_strip.png
 
-A row is `gt` (the toy world's ground-truth object, rendered by toy.render_views) or CHECKPOINT[+LORA] (sampled with
+A row is `gt` (the toy world's ground-truth object, rendered by world.render_views) or CHECKPOINT[+LORA] (sampled with
 evaluate.py's fixed-noise rule, sample.sample_fixed_noise, so every model starts from the same noise), optionally
 named: NAME=ROW. Each row of the PNG shows the 4 views, then its reconstruction (MRCReward.reconstruct) re-rendered at
 the 4 input cameras (what MRC compares with the views) and from 30 degrees higher (cameras LGM never saw).
@@ -20,13 +20,13 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
-import toy
 from mvdream import MVDreamPolicy
 from reconstruct import LGM, orbit_camera, render_gaussians
 from reward import MRCReward, load_lpips
 from sample import sample_fixed_noise
 from support.cli import add_reward_args, add_sampling_args
 from support.ply import write_ply
+from toy import world
 
 ORBIT_STEPS = 36  # frames per ring, one every 10 degrees of azimuth
 RAISE_DEG = 30.0  # the second ring looks from 30 degrees higher: the top of the object, which no input view shows
@@ -167,7 +167,7 @@ def parse_row(row):
 def row_views(checkpoint, lora, prompt, args, device):
     # (4, 3, H, W): the ground-truth renders or the first fixed-noise sample of the prompt (evaluate.py's rule)
     if checkpoint is None:
-        return toy.ground_truth_views([prompt], 1, args.seed, args.elevation, device)[0, 0]
+        return world.ground_truth_views([prompt], 1, args.seed, args.elevation, device)[0, 0]
     policy = MVDreamPolicy.from_pretrained(checkpoint).to(device).eval()
     if lora:
         policy.load_lora(lora)

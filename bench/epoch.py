@@ -29,7 +29,6 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo's modules, no
 import torch  # noqa: E402
 
 import reconstruct  # noqa: E402
-import toy  # noqa: E402
 import train  # noqa: E402
 import view3d  # noqa: E402
 from mvdream import MVDreamPolicy  # noqa: E402
@@ -39,8 +38,9 @@ from sample import ddim_step_with_logprob, sample_trajectories  # noqa: E402
 from support import devices  # noqa: E402
 from support.config import batch_plan  # noqa: E402
 from support.flops import Throughput  # noqa: E402
-from support.prompts import load_prompts  # noqa: E402
 from support.seeding import make_generator  # noqa: E402
+from toy import world  # noqa: E402
+from toy.prompts import load_prompts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,7 +217,7 @@ def _no_grad_autocast(autocast, fn, *a, **kw):
 def fp32_logprob_error(cfg, policy, samples, device):
     # the bf16 policy's sampled log-probs against an fp32 copy (same weights, no autocast) on the same transitions
     ref = MVDreamPolicy.random_init("sd21-4view", seed=cfg.seed, elevation=cfg.elevation, device=device) \
-        if cfg.world == "paper" else MVDreamPolicy.tiny(toy.VOCAB, seed=cfg.seed, elevation=cfg.elevation)
+        if cfg.world == "paper" else MVDreamPolicy.tiny(world.VOCAB, seed=cfg.seed, elevation=cfg.elevation)
     ref.to(device).add_lora(cfg.lora_rank, cfg.lora_alpha)
     ref.load_state_dict({k: v.float() for k, v in samples["sampling_state"].items()}, strict=True)
     n = min(cfg.micro_batch_size, len(samples["latents"]))

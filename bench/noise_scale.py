@@ -21,11 +21,11 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo's modules, no
 import torch  # noqa: E402
 
 import train  # noqa: E402
+from bench.gradient_noise import noise_scale, per_sample_gradients  # noqa: E402
 from support import devices  # noqa: E402
 from support.config import load_config  # noqa: E402
-from support.gradient_noise import noise_scale, per_sample_gradients  # noqa: E402
-from support.prompts import load_prompts  # noqa: E402
 from support.seeding import make_generator  # noqa: E402
+from toy.prompts import load_prompts  # noqa: E402
 
 
 def main():

@@ -162,9 +162,9 @@ def main():
         if args.lgm:
             import toy
             lgm, what = reconstruct.LGM.from_pretrained(args.lgm).eval().requires_grad_(False), args.lgm
-            prompts = toy.test_prompts()[:: len(toy.test_prompts()) // 8][:8]
-            objs = torch.stack([toy.make_object(p, torch.Generator().manual_seed(i)) for i, p in enumerate(prompts)])
-            views = toy.render_views(objs)
+            prompts = world.test_prompts()[:: len(world.test_prompts()) // 8][:8]
+            objs = torch.stack([world.make_object(p, torch.Generator().manual_seed(i)) for i, p in enumerate(prompts)])
+            views = world.render_views(objs)
         else:
             lgm = make_lgm("tiny", device, torch.float32, scale_bias)
         for batch in ((2,) if args.quick else (8,)):

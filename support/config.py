@@ -8,7 +8,6 @@ import typing
 import yaml
 
 from support.batch_plan import BatchPlan
-from support.prompts import load_prompts
 
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 CHOICES = {"mixed_precision": ("bf16", "no"), "nonfinite": ("skip", "stop"), "world": ("toy", "paper"),
@@ -104,7 +103,7 @@ def batch_plan(cfg, world_size, num_prompts=0):
                      cfg.stat_min_count)
 
 
-def print_plan(config_class, argv):
+def print_plan(config_class, argv, load_prompts):
     """`train.py CONFIG --plan N [key=value ...]`: every check of a launch with N ranks, then the plan; no models."""
     i = argv.index("--plan")
     if i + 1 >= len(argv) or not argv[i + 1].isdigit() or int(argv[i + 1]) < 1:

@@ -1,5 +1,5 @@
 # Pictures of a run: captioned grids of sample views, and a small line chart (PIL only: no plotting
-# dependency for a handful of figures). Support code for train.py, sft.py and evaluate.py.
+# dependency for a handful of figures). Support code for train.py, toy/sft.py and evaluate.py.
 import os
 
 import torch
@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw
 
 def save_grid(path, views, captions):
     # Rows of 4 views (B, V, 3, H, W) in [0, 1], each row captioned (e.g. "prompt | reward"): the picture
-    # that train.py, sft.py and evaluate.py write of a batch of samples.
+    # that train.py, toy/sft.py and evaluate.py write of a batch of samples.
     views = (views.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
     n, v, h, w, _ = views.shape
     cap = 12

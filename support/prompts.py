@@ -1,36 +1,34 @@
-# Prompt sources and which prompts each rank samples in an epoch. Support code for train.py, sft.py, evaluate.py.
+# Prompt files and which prompts each rank samples in an epoch. Support code for train.py and evaluate.py; the
+# toy world's own source (toy:train, toy:test) is toy/prompts.py, which reads files through read_prompts.
 import json
 import os
 
 import torch
 
-import toy
 from support.seeding import make_generator
 
-SOURCES = ("toy:train, toy:test, a text file (one prompt per line, # comments) or a JSON prompt library with its "
-           "key, e.g. threestudio's load/prompt_library.json:dreamfusion")
+FILES = ("a text file (one prompt per line, # comments) or a JSON prompt library with its key, e.g. threestudio's "
+         "load/prompt_library.json:dreamfusion")
 
 
-def load_prompts(source, limit=0):
-    """The prompts of a source (see SOURCES). Carve3D evaluates on DreamFusion's prompts: threestudio ships them
-    as the "dreamfusion" list of load/prompt_library.json (threestudio-project/threestudio); pass that file.
-
-    limit N > 0 keeps N prompts evenly spaced over the source (the first N when it holds fewer than 2N):
-    the toy grammar enumerates colours first, so its first N prompts would all be red."""
-    if source.startswith("toy:"):
-        split = source.split(":", 1)[1]
-        if split not in ("train", "test"):
-            raise ValueError(f"prompt source {source!r}: use toy:train or toy:test")
-        prompts = toy.train_prompts() if split == "train" else toy.test_prompts()
-    elif ".json:" in source:
+def read_prompts(source):
+    """The prompts of a file source (see FILES). Carve3D evaluates on DreamFusion's prompts: threestudio ships them
+    as the "dreamfusion" list of load/prompt_library.json (threestudio-project/threestudio); pass that file."""
+    if ".json:" in source:
         prompts = _library(*source.rsplit(":", 1))
     else:
         if not os.path.isfile(source):
-            raise FileNotFoundError(f"prompt source {source!r} not found; use {SOURCES}")
+            raise FileNotFoundError(f"prompt source {source!r} not found; use {FILES}")
         with open(source) as f:
             prompts = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
         raise ValueError(f"prompt source {source!r} holds no prompts")
+    return prompts
+
+
+def spread(prompts, limit=0):
+    # N > 0 keeps N prompts evenly spaced over the list (the first N when it holds fewer than 2N): the toy
+    # grammar enumerates colours first, so its first N prompts would all be red
     return prompts[::max(1, len(prompts) // limit)][:limit] if limit else prompts
 
 

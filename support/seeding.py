@@ -1,6 +1,6 @@
 # Explicit randomness: every generator of a run is derived from (seed, purpose, epoch, rank, ...), so there is
 # no hidden RNG state to save or drift, a resumed run draws exactly what an uninterrupted one would, and two
-# checkpoints are compared on identical noise. Support code for train.py, sft.py and evaluate.py.
+# checkpoints are compared on identical noise. Support code for train.py, toy/sft.py and evaluate.py.
 import torch
 
 

@@ -1,4 +1,4 @@
-# fidelity.py, the toy world's prompt-fidelity metric: ground truth of seeds it has never seen scores high,
+# toy/fidelity.py, the toy world's prompt-fidelity metric: ground truth of seeds it has never seen scores high,
 # and every controlled corruption of that ground truth (part dropped, recoloured or on another side, wrong
 # main shape, one blob, another prompt's object, blank, noise, a collapsed policy) scores clearly lower.
 # Margins are about half of those measured on this CPU (quoted in comments: measured min drop / mean).
@@ -11,9 +11,9 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-import fidelity
-import toy
-from support.prompts import load_prompts
+from toy import fidelity
+from toy import world
+from toy.prompts import load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cube with a blue ball on its left", "a green cone with a purple cube on its top",
@@ -25,15 +25,15 @@ OPPOSITE = {"left": "right", "right": "left", "front": "back", "back": "front", 
 
 
 def render(prompts, seed0=SEED0):
-    objs = torch.stack([toy.make_object(p, torch.Generator().manual_seed(seed0 + i)) for i, p in enumerate(prompts)])
-    return toy.render_views(objs)
+    objs = torch.stack([world.make_object(p, torch.Generator().manual_seed(seed0 + i)) for i, p in enumerate(prompts)])
+    return world.render_views(objs)
 
 
 def edit(prompts, **change):
     # the same prompts with some fields replaced, e.g. edit(TWO, side="top"); a callable value maps the parsed prompt
     out = []
-    for p in map(toy.parse_prompt, prompts):
-        out.append(toy.format_prompt(p._replace(**{k: v(p) if callable(v) else v for k, v in change.items()})))
+    for p in map(world.parse_prompt, prompts):
+        out.append(world.format_prompt(p._replace(**{k: v(p) if callable(v) else v for k, v in change.items()})))
     return out
 
 
@@ -50,7 +50,7 @@ def test_ground_truth_of_new_seeds_scores_high(gt):
     views, score, checks = gt
     assert not set(range(SEED0, SEED0 + len(PROMPTS))) & set(fidelity.TEMPLATE_SEEDS)
     assert score.shape == (len(PROMPTS),) and ((score >= 0) & (score <= 1)).all()
-    # measured: mean 0.998, min 0.991 here; 0.993 / 0.921 over 60 random train + test prompts (fidelity.py)
+    # measured: mean 0.998, min 0.991 here; 0.993 / 0.921 over 60 random train + test prompts (toy/fidelity.py)
     assert score.mean() >= 0.95 and score.min() >= 0.85, score
     assert set(checks) == set(fidelity.CHECKS) | {"view"}
     assert all(c.shape == (len(PROMPTS), 4) and ((c >= 0) & (c <= 1)).all() for c in checks.values())
@@ -77,8 +77,8 @@ def test_saved_ground_truth_grid_scores_high():
 def test_geometry_does_not_depend_on_the_colours():
     # fidelity caches ground truth per geometry in canonical colours: valid only because make_object draws the
     # same random numbers whatever the colours
-    a = toy.make_object("a red cube with a blue ball on its left", torch.Generator().manual_seed(3))
-    b = toy.make_object("a yellow cube with a green ball on its left", torch.Generator().manual_seed(3))
+    a = world.make_object("a red cube with a blue ball on its left", torch.Generator().manual_seed(3))
+    b = world.make_object("a yellow cube with a green ball on its left", torch.Generator().manual_seed(3))
     assert torch.equal(a[:, :11], b[:, :11]) and not torch.equal(a[:, 11:], b[:, 11:])
 
 
@@ -93,7 +93,7 @@ def _noise(views):
 
 
 def _spare_colour(p):
-    return [c for c in toy.COLORS if c not in (p.color, p.part_color)][0]
+    return [c for c in world.COLORS if c not in (p.color, p.part_color)][0]
 
 
 # name -> (prompts it applies to, corrupted views given the ground truth, max score allowed relative to GT)
@@ -143,7 +143,7 @@ def test_the_breakdown_names_the_failed_check(gt):
 def test_main_shape_confusion_lowers_the_score(gt):
     _, score, _ = gt
     for k in (1, 2, 3):                     # every other main shape; measured min drop 0.49
-        swapped = render(edit(PROMPTS, shape=lambda p: toy.SHAPES[(toy.SHAPES.index(p.shape) + k) % 4]))
+        swapped = render(edit(PROMPTS, shape=lambda p: world.SHAPES[(world.SHAPES.index(p.shape) + k) % 4]))
         bad, checks = fidelity.fidelity(swapped, PROMPTS, per_check=True)
         assert (bad <= score - 0.3).all(), (k, bad)
         assert checks["shape"].mean() < 0.1
@@ -151,10 +151,10 @@ def test_main_shape_confusion_lowers_the_score(gt):
 
 def test_part_on_any_wrong_side_lowers_the_score():
     base = "a red cube with a blue ball on its {}"
-    views = render([base.format(s) for s in toy.SIDES], seed0=7100)
-    right = fidelity.fidelity(views, [base.format(s) for s in toy.SIDES])
-    for i, side in enumerate(toy.SIDES):    # views of every other side scored against this side's prompt
-        others = [j for j in range(len(toy.SIDES)) if j != i]
+    views = render([base.format(s) for s in world.SIDES], seed0=7100)
+    right = fidelity.fidelity(views, [base.format(s) for s in world.SIDES])
+    for i, side in enumerate(world.SIDES):    # views of every other side scored against this side's prompt
+        others = [j for j in range(len(world.SIDES)) if j != i]
         wrong = fidelity.fidelity(views[others], [base.format(side)] * len(others))
         assert (wrong <= right[i] - 0.35).all(), (side, wrong)     # measured min drop 0.53 (0.37 over 60 prompts)
 
@@ -195,11 +195,11 @@ def test_empty_batch_gives_empty_scores():
 
 
 def independent_views(prompts, seed0=SEED0):
-    # view k from its own instance k of the prompt (sft.py's independent examples)
+    # view k from its own instance k of the prompt (toy/sft.py's independent examples)
     out = []
     for i, p in enumerate(prompts):
-        objs = torch.stack([toy.make_object(p, torch.Generator().manual_seed(seed0 + 100 * i + k)) for k in range(4)])
-        views = toy.render_views(objs)
+        objs = torch.stack([world.make_object(p, torch.Generator().manual_seed(seed0 + 100 * i + k)) for k in range(4)])
+        views = world.render_views(objs)
         out.append(torch.stack([views[k, k] for k in range(4)]))
     return torch.stack(out)
 

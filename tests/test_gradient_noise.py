@@ -6,7 +6,7 @@ import torch
 from mvdream import MVDreamPolicy
 from ppo import micro_step_loss
 from sample import sample_trajectories
-from support.gradient_noise import noise_scale, per_sample_gradients
+from bench.gradient_noise import noise_scale, per_sample_gradients
 
 
 def test_noise_scale_statistics_equal_brute_force():

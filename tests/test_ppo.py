@@ -66,7 +66,7 @@ def test_exact_kl_term_pulls_a_moved_policy_back_to_the_reference(coeff, fill_lo
     from ppo import ppo_update
     from sample import sample_trajectories
     from support.batch_plan import BatchPlan
-    from toy import VOCAB
+    from toy.world import VOCAB
     policy = MVDreamPolicy.tiny(VOCAB, seed=0)
     policy.add_lora(4, 4)
     fill_lora_up(policy, 0.1, 4)                     # a policy that has moved away from the reference

@@ -1,17 +1,17 @@
-# Prompt sources (support/prompts.py): toy splits, text files, JSON prompt libraries in threestudio's format.
+# Prompt sources (toy/prompts.py, support/prompts.py): toy splits, text files, JSON prompt libraries in threestudio's format.
 import json
 
 import pytest
 
-import toy
-from support.prompts import load_prompts
+from toy import world
+from toy.prompts import load_prompts
 
 
 def test_toy_sources_and_evenly_spread_subsets():
-    assert load_prompts("toy:test") == toy.test_prompts()
+    assert load_prompts("toy:test") == world.test_prompts()
     sub = load_prompts("toy:train", 8)
-    step = len(toy.train_prompts()) // 8
-    assert sub == toy.train_prompts()[::step][:8] and len(set(p.split()[1] for p in sub)) > 1  # not all red
+    step = len(world.train_prompts()) // 8
+    assert sub == world.train_prompts()[::step][:8] and len(set(p.split()[1] for p in sub)) > 1  # not all red
     with pytest.raises(ValueError, match="toy:train or toy:test"):
         load_prompts("toy:val")
 

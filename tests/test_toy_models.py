@@ -1,4 +1,4 @@
-# The shipped toy checkpoints (checkpoints/toy/) and the scripts that make and evaluate them (sft.py, evaluate.py).
+# The shipped toy checkpoints (checkpoints/toy/) and the scripts that make and evaluate them (toy/sft.py, evaluate.py).
 # Everything runs the real classes on CPU at the toy size; numbers quoted in comments were measured on this
 # 2-core CPU (GPU numbers from the records next to the checkpoints where stated).
 import json
@@ -15,22 +15,22 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import evaluate
-import fidelity
 import reconstruct
 import reward
-import sft
-import toy
 from mvdream import MVDreamPolicy
 from sample import sample_trajectories
 from support import images
 from support.seeding import make_generator
+from toy import fidelity
+from toy import sft
+from toy import world
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints" / "toy"
 # the reward: the first tiny LGM (lgm-tiny, in git history at 533d5a0) trained 1,341 steps more (its record)
 SFT_BASE, SFT_LONG, LGM_FILE = CKPT / "sft-base", CKPT / "sft-long", CKPT / "lgm-tiny-v2.safetensors"
 VAE_DIR = CKPT / "vae-tiny"
-RES = toy.TOY.resolution                  # 64
+RES = world.TOY.resolution                  # 64
 N_GAUSSIANS = 4 * 32 * 32                 # tiny LGM: 4 input views x splat_size^2 pixels -> one Gaussian each
 CAPTION_PX = 12                           # support.images.save_grid: a caption strip above each row of views
 
@@ -52,14 +52,14 @@ def shipped_lgm():
 def one_prompt_per_colour():
     # test prompts whose main colours all differ, so swapping a view between two objects is a visible change
     picked = {}
-    for p in toy.test_prompts():
-        picked.setdefault(toy.parse_prompt(p).color, p)
-    return [picked[c] for c in toy.COLORS]
+    for p in world.test_prompts():
+        picked.setdefault(world.parse_prompt(p).color, p)
+    return [picked[c] for c in world.COLORS]
 
 
 def ground_truth_views(prompts, seed0):
-    objs = torch.stack([toy.make_object(p, gen(seed0 + i)) for i, p in enumerate(prompts)])
-    return toy.render_views(objs)         # (B, 4, 3, 64, 64), MVDream view order, toy elevation 15
+    objs = torch.stack([world.make_object(p, gen(seed0 + i)) for i, p in enumerate(prompts)])
+    return world.render_views(objs)         # (B, 4, 3, 64, 64), MVDream view order, toy elevation 15
 
 
 # ------------------------------------------------------------------------------ 1. shipped checkpoints load
@@ -68,7 +68,7 @@ def test_shipped_mvdream_checkpoints_load_strictly_and_sample_at_documented_shap
     base, long = MVDreamPolicy.from_pretrained(str(SFT_BASE)), MVDreamPolicy.from_pretrained(str(SFT_LONG))
     for policy, folder in ((base, SFT_BASE), (long, SFT_LONG)):
         assert policy.latent_shape == (4, 16, 16) and policy.image_size == 64
-        assert policy.elevation == toy.TOY.elevation == 15.0
+        assert policy.elevation == world.TOY.elevation == 15.0
         assert policy.lora_config is None
         # every tensor of the file is in the model, bit for bit, and the model has nothing else
         on_disk = load_file(folder / "model.safetensors")
@@ -123,7 +123,7 @@ def test_shipped_rl_lora_loads_onto_sft_base_and_changes_its_samples(name, best_
 def test_shipped_lgm_loads_strictly_and_reconstructs_4096_gaussians(shipped_lgm):
     cfg = shipped_lgm.config
     assert (cfg.name, cfg.input_size, cfg.splat_size) == ("tiny", 64, 32)
-    assert cfg.fovy == toy.TOY.fovy and cfg.cam_radius == toy.TOY.radius
+    assert cfg.fovy == world.TOY.fovy and cfg.cam_radius == world.TOY.radius
     on_disk = load_file(LGM_FILE)
     in_model = shipped_lgm.state_dict()
     assert set(on_disk) == set(in_model) and all(torch.equal(on_disk[k], in_model[k]) for k in on_disk)
@@ -131,8 +131,8 @@ def test_shipped_lgm_loads_strictly_and_reconstructs_4096_gaussians(shipped_lgm)
     assert reconstruct.LGM.from_pretrained(str(LGM_FILE), config=None).config == cfg
     assert json.loads(LGM_FILE.with_suffix(".json").read_text())["splat_size"] == 32
 
-    views = ground_truth_views(toy.test_prompts()[:2], 0)[:, list(reconstruct.MVDREAM_TO_LGM)]  # LGM input order
-    cams = reconstruct.standard_cameras(-toy.TOY.elevation, toy.TOY.radius)
+    views = ground_truth_views(world.test_prompts()[:2], 0)[:, list(reconstruct.MVDREAM_TO_LGM)]  # LGM input order
+    cams = reconstruct.standard_cameras(-world.TOY.elevation, world.TOY.radius)
     with torch.no_grad():
         g = shipped_lgm.reconstruct(views, cams)
     assert g.shape == (2, N_GAUSSIANS, 14) and torch.isfinite(g).all()
@@ -182,7 +182,7 @@ GT_MRC_MEAN_MAX, GT_MRC_EACH_MAX = 0.25, 0.35
 
 
 def test_shipped_lgm_mrc_is_low_on_ground_truth_and_rises_when_a_view_is_swapped(shipped_lgm, alex):
-    reward_fn = reward.MRCReward(shipped_lgm, alex, elevation=toy.TOY.elevation)
+    reward_fn = reward.MRCReward(shipped_lgm, alex, elevation=world.TOY.elevation)
     prompts = one_prompt_per_colour()
     for seed0 in (0, 100):
         views = ground_truth_views(prompts, seed0)
@@ -199,7 +199,7 @@ def test_shipped_lgm_mrc_is_low_on_ground_truth_and_rises_when_a_view_is_swapped
     with torch.random.fork_rng():
         torch.manual_seed(0)
         untrained = reconstruct.LGM("tiny").eval()
-    assert reward.MRCReward(untrained, alex, elevation=toy.TOY.elevation)(views)["mrc"].mean() > 2 * GT_MRC_MEAN_MAX
+    assert reward.MRCReward(untrained, alex, elevation=world.TOY.elevation)(views)["mrc"].mean() > 2 * GT_MRC_MEAN_MAX
 
 
 def test_lgm_v2_loads_strictly_and_records_its_parent():
@@ -214,13 +214,13 @@ def test_lgm_v2_sees_inconsistency_more_than_simplicity(shipped_lgm, alex):
     # What RL exploits: the reward should rise more for 4 views that are not one object than it falls for an
     # object without its part. With the first LGM (lgm-tiny, no longer shipped) it was the other way round (32 test
     # prompts x 2: +0.042 vs -0.052, so RL learned to drop parts); with v2 it is not (+0.052 vs -0.034).
-    prompts = [p for p in toy.test_prompts() if toy.parse_prompt(p).has_part][::37][:12]
-    objs = lambda ps, k: torch.stack([toy.make_object(p, make_generator("cpu", 0, "probe", i, k))  # noqa: E731
+    prompts = [p for p in world.test_prompts() if world.parse_prompt(p).has_part][::37][:12]
+    objs = lambda ps, k: torch.stack([world.make_object(p, make_generator("cpu", 0, "probe", i, k))  # noqa: E731
                                       for i, p in enumerate(ps)])
-    consistent = toy.render_views(objs(prompts, 0))
-    independent = torch.stack([toy.render_views(objs(prompts, k))[:, k] for k in range(4)], 1)  # view k: instance k
-    no_part = toy.render_views(objs([p.split(" with ")[0] for p in prompts], 0))
-    r = reward.MRCReward(shipped_lgm, alex, elevation=toy.TOY.elevation)
+    consistent = world.render_views(objs(prompts, 0))
+    independent = torch.stack([world.render_views(objs(prompts, k))[:, k] for k in range(4)], 1)  # view k: instance k
+    no_part = world.render_views(objs([p.split(" with ")[0] for p in prompts], 0))
+    r = reward.MRCReward(shipped_lgm, alex, elevation=world.TOY.elevation)
     c, i, n = [r(v)["mrc"].mean().item() for v in (consistent, independent, no_part)]
     print(f"one object {c:.4f}, 4 instances {i:.4f}, without the part {n:.4f}")
     assert i - c > c - n and i > c > n     # inconsistency costs more than a dropped part gains
@@ -274,10 +274,10 @@ def test_evaluate_ground_truth_matches_an_independent_recomputation(tmp_path, sh
     # recompute from the documented recipe: prompts spread over the test list, object (i, s) seeded by
     # evaluate's fixed-noise seed (seed, i, s), rendered at elevation 15; MRC, fidelity, diversity by hand
     prompts = evaluate.load_prompts("toy:test", 2)
-    assert prompts == toy.test_prompts()[:: len(toy.test_prompts()) // 2][:2]
-    objs = torch.stack([toy.make_object(p, make_generator("cpu", 0, "object", i, s))
+    assert prompts == world.test_prompts()[:: len(world.test_prompts()) // 2][:2]
+    objs = torch.stack([world.make_object(p, make_generator("cpu", 0, "object", i, s))
                         for i, p in enumerate(prompts) for s in range(2)])
-    views = toy.render_views(objs)                                           # (P*S, 4, 3, 64, 64)
+    views = world.render_views(objs)                                           # (P*S, 4, 3, 64, 64)
     mrc = reward.MRCReward(shipped_lgm, alex, elevation=15.0)(views)["mrc"]
     assert metrics["mrc_mean"] == pytest.approx(mrc.mean().item(), abs=1e-5)
     fid = fidelity.fidelity(views, [p for p in prompts for _ in range(2)])
@@ -306,9 +306,9 @@ def test_evaluate_ground_truth_through_the_vae_is_what_the_policy_decodes_from_e
     assert metrics["source"] == {"ground_truth": True, "through_vae": str(VAE_DIR)}
     # independent path: the shipped policy's own encode (posterior mean x scaling factor) and decode (/ factor)
     prompts = evaluate.load_prompts("toy:test", 2)
-    objs = torch.stack([toy.make_object(p, make_generator("cpu", 0, "object", i, s))
+    objs = torch.stack([world.make_object(p, make_generator("cpu", 0, "object", i, s))
                         for i, p in enumerate(prompts) for s in range(2)])
-    views = toy.render_views(objs)
+    views = world.render_views(objs)
     policy = MVDreamPolicy.from_pretrained(str(SFT_BASE))                   # its VAE is vae-tiny in fp16 storage
     policy.vae.load_state_dict(load_file(VAE_DIR / "diffusion_pytorch_model.safetensors"))
     with torch.no_grad():
@@ -353,7 +353,7 @@ def test_robustness_mrc_increases_with_distortion_level(tmp_path):
                    "--device", "cpu", "--lgm", str(LGM_FILE), "--out", str(out)])
     result = json.loads((out / "robustness.json").read_text())
     assert result["levels"] == [0, 1, 2, 3] and result["num_objects"] == ROBUSTNESS_OBJECTS
-    assert set(result["mrc"]) == set(toy.DISTORTIONS)
+    assert set(result["mrc"]) == set(world.DISTORTIONS)
     print("robustness", json.dumps(result["mrc"]))
     level0 = {v[0] for v in result["mrc"].values()}
     assert len(level0) == 1 and 0 < level0.pop() < GT_MRC_MEAN_MAX   # level 0 = the same undistorted views
@@ -361,7 +361,7 @@ def test_robustness_mrc_increases_with_distortion_level(tmp_path):
         assert all(b > a for a, b in zip(row, row[1:])), f"{kind}: MRC not increasing with level: {row}"
         assert result["monotone"][kind] is True
     table = (out / "robustness.md").read_text()
-    assert all(f"| {kind} |" in table for kind in toy.DISTORTIONS)
+    assert all(f"| {kind} |" in table for kind in world.DISTORTIONS)
     assert Image.open(out / "robustness.png").size == (560, 380)
 
 
@@ -402,7 +402,7 @@ def test_line_plot_writes_a_png_of_the_requested_size(tmp_path):
     assert (214, 39, 40) in colours and (31, 119, 180) in colours    # both series drawn in their colours
 
 
-# ------------------------------------------------------------------------------------- 6. sft.py smoke
+# ------------------------------------------------------------------------------------- 6. toy/sft.py smoke
 
 def test_sft_mvdream_smoke_writes_loadable_snapshot_and_final_checkpoints(tmp_path):
     vae, base, long, log = tmp_path / "vae", tmp_path / "base", tmp_path / "long", tmp_path / "log"
@@ -414,7 +414,7 @@ def test_sft_mvdream_smoke_writes_loadable_snapshot_and_final_checkpoints(tmp_pa
     sft.main(["mvdream", "--steps", "3", "--vae", str(vae), "--snapshot", f"2:{base}", "--out", str(long)] + common)
     from diffusers import AutoencoderKL
     trained_vae = AutoencoderKL.from_pretrained(vae)
-    init = MVDreamPolicy.tiny(toy.VOCAB, elevation=toy.TOY.elevation, seed=0, vae=trained_vae).state_dict()
+    init = MVDreamPolicy.tiny(world.VOCAB, elevation=world.TOY.elevation, seed=0, vae=trained_vae).state_dict()
     loaded = {}
     for folder, step in ((base, 2), (long, 3)):
         record = json.loads((folder / "sft_record.json").read_text())
@@ -454,7 +454,7 @@ def test_sft_mvdream_state_resumes_exactly_where_a_stopped_call_left_off(tmp_pat
     assert torch.equal(a["generator"], b["generator"])
     with pytest.raises(ValueError, match=r"other arguments: lr \(saved 0.001, now 0.002\)"):
         sft.main(common + ["--out", str(tmp_path / "c"), "--state", str(split), "--lr", "2e-3"])
-    with pytest.raises(ValueError, match="--state applies to `sft.py mvdream` only"):
+    with pytest.raises(ValueError, match="--state applies to `python -m toy.sft mvdream` only"):
         sft.main(["lgm", "--state", str(split), "--out", str(tmp_path / "x")])
 
 
@@ -467,7 +467,7 @@ def test_sft_lgm_smoke_writes_a_loadable_file(tmp_path):
     assert record["step"] == 2 and record["args"]["model"] == "lgm"
     views = ground_truth_views(["a red cube"], 0)[:, list(reconstruct.MVDREAM_TO_LGM)]
     with torch.no_grad():
-        g = lgm.reconstruct(views, reconstruct.standard_cameras(-toy.TOY.elevation, toy.TOY.radius))
+        g = lgm.reconstruct(views, reconstruct.standard_cameras(-world.TOY.elevation, world.TOY.radius))
     assert g.shape == (1, N_GAUSSIANS, 14) and torch.isfinite(g).all()
     # --max-minutes stops early and saves: the record says which step the file is (how lgm-tiny-v2 was made)
     sft.main(["lgm", "--steps", "5", "--bank", "4", "--batch-size", "2", "--workers", "1", "--device", "cpu",
@@ -487,7 +487,7 @@ def test_sft_lgm_init_continues_from_a_trained_lgm(tmp_path, shipped_lgm):
     assert all(torch.allclose(start[k], trained[k], atol=1e-4) for k in start)
     assert not all(torch.equal(start[k], trained[k]) for k in start)
     assert json.loads(out.with_suffix(".record.json").read_text())["args"]["init"] == str(LGM_FILE)
-    with pytest.raises(ValueError, match="--init applies to `sft.py lgm` only"):
+    with pytest.raises(ValueError, match="--init applies to `python -m toy.sft lgm` only"):
         sft.main(["mvdream", "--init", str(LGM_FILE), "--out", str(tmp_path / "x")])
 
 
@@ -530,7 +530,7 @@ def test_sft_state_refuses_a_bank_that_came_out_different(tmp_path, monkeypatch)
     sft.main(common)
     make_bank = sft.make_bank
 
-    def shifted(*a, **kw):  # as if toy.py had changed: every rendered pixel a little darker
+    def shifted(*a, **kw):  # as if toy/world.py had changed: every rendered pixel a little darker
         bank = make_bank(*a, **kw)
         return dict(bank, views=(bank["views"] * 0.98).clamp(0, 1))
 

@@ -15,15 +15,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-import toy
 import train
 from mvdream import MVDreamPolicy
 from ppo import ppo_update
+from sample import sample_trajectories
 from stat_tracking import PerPromptStatTracker
 from support import checkpoint, prompts as prompt_sources
-from support.config import batch_plan
 from support.batch_plan import BatchPlan
-from sample import sample_trajectories
+from support.config import batch_plan
+from toy import world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_YAML = os.path.join(ROOT, "toy.yaml")
@@ -158,7 +158,7 @@ def test_two_ranks_end_identical_and_gradients_are_all_reduced(tmp_path):
     assert [r["epoch"] for r in m] == [0, 1]
     assert m[1]["ratio_dev_max"] == 0.0 and m[1]["clipfrac"] == 0.0
     cfg = train.load_config(TOY_YAML, overrides(run_dir, samples_per_epoch=4))
-    prompts = prompt_sources.load_prompts(cfg.train_prompts, cfg.num_train_prompts)
+    prompts = train.load_prompts(cfg.train_prompts, cfg.num_train_prompts)
     plan = batch_plan(cfg, 2, len(prompts))
     e1 = [p for r in range(2) for p in prompt_sources.epoch_prompts(cfg, prompts, 1, r, 2, plan)]
     assert r0["trackers"]["kl"]["buffers"] == {}  # the policy had not moved before epoch 1: no KL yet
@@ -219,7 +219,7 @@ def test_resume_is_bit_exact(run_a, tmp_path):
 def _policy_inputs(policy):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, policy.num_views, *policy.latent_shape, generator=g)
-    return x, torch.tensor([999, 421]), policy.encode_prompts(toy.train_prompts()[:2])
+    return x, torch.tensor([999, 421]), policy.encode_prompts(world.train_prompts()[:2])
 
 
 def test_saved_lora_reproduces_trained_policy(run_a):
@@ -235,7 +235,7 @@ def test_saved_lora_reproduces_trained_policy(run_a):
 
     want = out(trained)
     def base():  # what the run built before its adapters: same seed -> same base weights, same cameras
-        return MVDreamPolicy.tiny(vocab=toy.VOCAB, seed=TINY["seed"], elevation=TINY["elevation"])
+        return MVDreamPolicy.tiny(vocab=world.VOCAB, seed=TINY["seed"], elevation=TINY["elevation"])
 
     assert not torch.equal(out(base()), want)  # the adapters matter
     fresh = base()
@@ -331,7 +331,7 @@ def hand_advantages(trackers, last_prompts, coeff):
 def test_loss_uses_z_reward_minus_02_z_kl(run_a):
     dir_a, state = run_a
     cfg = train.load_config(TOY_YAML, overrides(dir_a, num_epochs=4))
-    prompts = prompt_sources.load_prompts(cfg.train_prompts, cfg.num_train_prompts)
+    prompts = train.load_prompts(cfg.train_prompts, cfg.num_train_prompts)
     e3 = prompt_sources.epoch_prompts(cfg, prompts, 3, 0, 1, batch_plan(cfg, 1, 2))  # epoch 3's, in sample order
     trackers = {k: t.state_dict() for k, t in state["trackers"].items()}
     # On-policy (ratio 1 up to 1e-5, test 4): loss = mean over samples of -A.
@@ -571,7 +571,7 @@ def test_validation_scores_the_policy_after_the_epochs_update(run_a):
     assert [r["epoch"] for r in m if "val_mrc" in r] == [0, 3]  # epoch 0 (the start) and the last
     policy, reward_fn = train.build_models(cfg, torch.device("cpu"))  # the starting policy (LoRA up = 0)
     plan = batch_plan(cfg, 1, cfg.num_train_prompts)
-    val_prompts = prompt_sources.load_prompts(cfg.val_prompts, cfg.num_val_prompts)
+    val_prompts = train.load_prompts(cfg.val_prompts, cfg.num_val_prompts)
     logger = type("NoLog", (), {"grid": lambda *a: None})()
 
     def val():
@@ -613,7 +613,7 @@ def test_validation_with_two_samples_per_prompt_keeps_sample_0s_noise_and_measur
     cfg2 = train.load_config(TOY_YAML, overrides(tmp_path, num_val_samples=2))
     policy, reward_fn = train.build_models(cfg1, torch.device("cpu"))
     plan = batch_plan(cfg1, 1, cfg1.num_train_prompts)
-    val_prompts = prompt_sources.load_prompts(cfg1.val_prompts, cfg1.num_val_prompts)
+    val_prompts = train.load_prompts(cfg1.val_prompts, cfg1.num_val_prompts)
     grids = []
     logger = type("Grids", (), {"grid": lambda self, epoch, name, views, captions: grids.append(views)})()
     autocast = train.partial(train.devices.autocast, torch.device("cpu"), False)

@@ -12,12 +12,12 @@ from PIL import Image, ImageSequence
 import evaluate
 import reconstruct
 import reward
-import toy
 import view3d
 from mvdream import MVDreamPolicy
 from sample import sample_trajectories
 from support.ply import read_ply, write_ply
 from support.seeding import make_generator
+from toy import world
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_BASE, LGM_FILE = ROOT / "checkpoints" / "toy" / "sft-base", ROOT / "checkpoints" / "toy" / "lgm-tiny-v2.safetensors"
@@ -32,11 +32,11 @@ C0 = 0.28209479177387814
 @pytest.fixture(scope="module")
 def reward_fn():
     lgm = reconstruct.LGM.from_pretrained(str(LGM_FILE), config="tiny").requires_grad_(False)
-    return reward.MRCReward(lgm, reward.load_lpips("alex"), elevation=toy.TOY.elevation)
+    return reward.MRCReward(lgm, reward.load_lpips("alex"), elevation=world.TOY.elevation)
 
 
 def gt_object(seed=0):
-    return toy.make_object(PROMPT, torch.Generator().manual_seed(seed))   # (1024, 14), padded with opacity 0
+    return world.make_object(PROMPT, torch.Generator().manual_seed(seed))   # (1024, 14), padded with opacity 0
 
 
 def tricky_gaussians():
@@ -181,9 +181,9 @@ def test_orbit_cameras_look_at_the_origin_from_the_right_elevation(elevation):
 
 def test_render_orbit_in_chunks_shows_the_object_from_the_input_cameras():
     g = gt_object()
-    frames = view3d.render_orbit(g, toy.TOY.elevation, size=64, fovy=toy.TOY.fovy, radius=toy.TOY.radius)
+    frames = view3d.render_orbit(g, world.TOY.elevation, size=64, fovy=world.TOY.fovy, radius=world.TOY.radius)
     assert frames.shape == (72, 3, 64, 64) and frames.device.type == "cpu"
-    views = toy.render_views(g[None])[0]                              # MVDream views 0..3, same renderer
+    views = world.render_views(g[None])[0]                              # MVDream views 0..3, same renderer
     torch.testing.assert_close(frames[:36:9], views, rtol=0, atol=1e-5)
     assert (frames[36:] - frames[:36]).abs().mean() > 0.01            # the raised ring sees something else
     few = dict(size=32, views_per_call=3, steps=4)
@@ -193,7 +193,7 @@ def test_render_orbit_in_chunks_shows_the_object_from_the_input_cameras():
 
 def test_orbit_gif_has_every_frame_the_size_and_loops(tmp_path):
     g = gt_object()
-    views = toy.render_views(g[None])[0]
+    views = world.render_views(g[None])[0]
     frames = view3d.render_orbit(g, 15.0, size=48)
     path = view3d.save_orbit_gif(tmp_path / "orbit.gif", views, frames)
     gif = Image.open(path)
@@ -209,7 +209,7 @@ def test_orbit_gif_has_every_frame_the_size_and_loops(tmp_path):
 # ---------------------------------------------------------------------------------- MRCReward.reconstruct
 
 def test_mrc_reward_reconstruct_is_what_call_renders(reward_fn):
-    views = toy.ground_truth_views([PROMPT, "a blue ball"], 1, 0)[:, 0]   # (2, 4, 3, 64, 64)
+    views = world.ground_truth_views([PROMPT, "a blue ball"], 1, 0)[:, 0]   # (2, 4, 3, 64, 64)
     out = reward_fn(views)
     gaussians = reward_fn.reconstruct(views)
     assert gaussians.shape == (2, 4096, 14)
@@ -219,7 +219,7 @@ def test_mrc_reward_reconstruct_is_what_call_renders(reward_fn):
     # independent path: LGM input order and cameras from reconstruct.py's conventions
     lgm_views = views[:, list(reconstruct.MVDREAM_TO_LGM)]
     with torch.no_grad():
-        direct = reward_fn.lgm.reconstruct(lgm_views, reconstruct.standard_cameras(-toy.TOY.elevation, 1.5))
+        direct = reward_fn.lgm.reconstruct(lgm_views, reconstruct.standard_cameras(-world.TOY.elevation, 1.5))
     torch.testing.assert_close(gaussians, direct, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="MVDream view order"):
         reward_fn.reconstruct(views[0])
@@ -249,7 +249,7 @@ def test_strip_cli_writes_png_ply_and_gif_per_row_on_identical_noise(tmp_path):
         assert sum(1 for _ in ImageSequence.Iterator(Image.open(tmp_path / f"strip_{k}_{name}.gif"))) == 72
     # the rows' views: ground-truth renders of object (seed 0, "object", 0, 0), and sft-base sampled from
     # evaluate.py's fixed noise (all of sample 0's noise from generator (seed 0, "noise", 0, 0)), recomputed here
-    gt = toy.render_views(toy.make_object(PROMPT, make_generator("cpu", 0, "object", 0, 0))[None])[0]
+    gt = world.render_views(world.make_object(PROMPT, make_generator("cpu", 0, "object", 0, 0))[None])[0]
     policy = MVDreamPolicy.from_pretrained(str(SFT_BASE)).eval()
     g = make_generator("cpu", 0, "noise", 0, 0)
     draws = torch.randn(1 + 4, 4, *policy.latent_shape, generator=g)  # initial noise, then one draw per step
@@ -271,7 +271,7 @@ def test_evaluate_orbit_writes_the_reconstruction_of_the_first_sample(tmp_path, 
     stem = out / "orbit" / f"00_{view3d.slug(prompts[0])}"
     assert sorted(p.name for p in (out / "orbit").iterdir()) == [stem.name + ".gif", stem.name + ".ply"]
     assert Image.open(stem.with_suffix(".gif")).size == (64, 32)
-    views = toy.ground_truth_views(prompts[:1], 1, 0)[:, 0]
+    views = world.ground_truth_views(prompts[:1], 1, 0)[:, 0]
     expect = reward_fn.reconstruct(views)[0]
     expect = expect[expect[:, 3] >= 0.005]
     torch.testing.assert_close(read_ply(stem.with_suffix(".ply")), expect, rtol=0, atol=1e-6)

@@ -2,7 +2,7 @@
 
 Carve3D starts RL from a multi-view diffusion model after a short SFT (Instant3D-10K) and compares with
 the same SFT run continued longer (20K, 100K): longer SFT improves consistency but shifts the
-distribution (Carve3D Sec. 1, Fig. 4). We reproduce that setting in the toy world (toy.py):
+distribution (Carve3D Sec. 1, Fig. 4). We reproduce that setting in the toy world (toy/world.py):
 
   * VAE: diffusers' AutoencoderKL at toy size, L1 + LPIPS + a small KL (LDM's autoencoder losses, Rombach
     et al. 2022 Sec. 3, without the GAN), so MVDream is a latent model as the real one is.
@@ -18,11 +18,11 @@ distribution (Carve3D Sec. 1, Fig. 4). We reproduce that setting in the toy worl
 
 Commands (seed 0, defaults otherwise; the record next to each checkpoint holds the arguments, device and wall
 time of the run that made it):
-    python sft.py vae --steps 2000 --bank 8192 --out checkpoints/toy/vae-tiny        # shipped (80 s on one H200)
-    python sft.py lgm --steps 3000 --out checkpoints/toy/lgm-tiny.safetensors        # the first LGM (git history)
-    python sft.py lgm --init checkpoints/toy/lgm-tiny.safetensors --lr 5e-4 --seed 1 --bank 8192 --steps 4000 \
+    python -m toy.sft vae --steps 2000 --bank 8192 --out checkpoints/toy/vae-tiny        # shipped (80 s on one H200)
+    python -m toy.sft lgm --steps 3000 --out checkpoints/toy/lgm-tiny.safetensors        # the first LGM (git history)
+    python -m toy.sft lgm --init checkpoints/toy/lgm-tiny.safetensors --lr 5e-4 --seed 1 --bank 8192 --steps 4000 \
         --max-minutes 7.4 --out checkpoints/toy/lgm-tiny-v2.safetensors  # shipped: continued, stopped at 1,341
-    python sft.py mvdream --bank 12288 --steps 20000 --compile reduce-overhead --state STATE --max-minutes M \
+    python -m toy.sft mvdream --bank 12288 --steps 20000 --compile reduce-overhead --state STATE --max-minutes M \
         --snapshot 3000:checkpoints/toy/sft-base --snapshot 15000:checkpoints/toy/sft-long --out outputs/sft-20000
         # shipped: one run, continued over three H200 calls; stopped after its 15,000-step snapshot
 sft-base is the RL starting point; sft-long is the same run 5x longer (the "longer SFT" baseline, like Carve3D's
@@ -34,8 +34,8 @@ model at the step it reached and continues exactly where the previous one stoppe
 The MVDream step is launch-bound on a GPU (512 objects per step run at ~19 steps/s on an H200, 128 at ~15), so
 the default batch is large; `--compile reduce-overhead` replays the loss's forward and backward as CUDA graphs
 (on an H200: ~34 steps/s instead of ~19 with `--compile`).
-A quick CPU smoke run: python sft.py vae --steps 20 --bank 64 --batch-size 8 --out outputs/vae-smoke, then
-    python sft.py mvdream --vae outputs/vae-smoke --steps 20 --bank 64 --batch-size 8 --out outputs/sft-smoke
+A quick CPU smoke run: python -m toy.sft vae --steps 20 --bank 64 --batch-size 8 --out outputs/vae-smoke, then
+    python -m toy.sft mvdream --vae outputs/vae-smoke --steps 20 --bank 64 --batch-size 8 --out outputs/sft-smoke
 """
 
 import argparse
@@ -53,14 +53,14 @@ from diffusers import AutoencoderKL
 from tqdm import tqdm
 
 import reconstruct
-import toy
 from mvdream import TINY_VAE_CONFIG, MVDreamPolicy
 from reward import load_lpips
 from sample import alphas_cumprod_on, sample_trajectories
 from support.devices import autocast
 from support.images import save_grid
-from support.prompts import load_prompts
 from support.seeding import make_generator
+from toy import world
+from toy.prompts import load_prompts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def _object(args):
     torch.set_num_threads(1)  # many small workers, not many threads each
     seed, index, instance, prompt = args
     # as numpy: tens of thousands of tensors sent back through a pool exhaust its file-descriptor sharing
-    return toy.make_object(prompt, make_generator("cpu", seed, "object", index, instance)).numpy()
+    return world.make_object(prompt, make_generator("cpu", seed, "object", index, instance)).numpy()
 
 
 def make_bank(n, seed, device, workers=0, independent_fraction=0.0):
@@ -91,7 +91,7 @@ def make_bank(n, seed, device, workers=0, independent_fraction=0.0):
         objects = [_object(j) for j in tqdm(jobs, desc="objects", leave=False)]
     gaussians = torch.from_numpy(np.stack(objects)).to(device)
     chunk = 256 if gaussians.is_cuda else 64  # bounded memory; few launches on a GPU
-    rendered = torch.cat([toy.render_views(gaussians[i:i + chunk]) for i in range(0, len(jobs), chunk)])
+    rendered = torch.cat([world.render_views(gaussians[i:i + chunk]) for i in range(0, len(jobs), chunk)])
     first = [j for j, job in enumerate(jobs) if job[2] == 0]  # instance 0 of every example
     views = rendered[first].clone()
     for i, j in enumerate(first):
@@ -154,7 +154,7 @@ def _vae_quality(vae, images, device):
 # MVDream SFT
 
 def train_mvdream(args, device):
-    policy = MVDreamPolicy.tiny(toy.VOCAB, elevation=toy.TOY.elevation, seed=args.seed,
+    policy = MVDreamPolicy.tiny(world.VOCAB, elevation=world.TOY.elevation, seed=args.seed,
                                 vae=AutoencoderKL.from_pretrained(args.vae)).to(device)
     policy.unet.requires_grad_(True)
     policy.text_encoder.requires_grad_(True)
@@ -228,7 +228,7 @@ def _load_state(args, policy, ema, opt, g, latents):
     checksum, scale = _bank_checksum(latents)  # last-bit differences move the sum by ~1e-6 * sqrt(n) << 1e-6 * scale
     if abs(checksum - state["bank_checksum"]) > 1e-6 * scale:
         raise ValueError(f"--state {args.state}: the remade example bank differs from the saved run's (latent sum "
-                         f"{checksum} vs {state['bank_checksum']}): toy.py, the VAE or the bank arguments changed")
+                         f"{checksum} vs {state['bank_checksum']}): toy/world.py, the VAE or the bank arguments changed")
     policy.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
     opt.load_state_dict(state["optimizer"])
@@ -311,23 +311,23 @@ def train_lgm(args, device):
     opt = torch.optim.AdamW(lgm.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95))
     bank = make_bank(args.bank, args.seed, device, args.workers)
     g = make_generator("cpu", args.seed, "sft-lgm")
-    cams_in = reconstruct.standard_cameras(-toy.TOY.elevation, toy.TOY.radius).to(device)
-    res = toy.TOY.resolution
+    cams_in = reconstruct.standard_cameras(-world.TOY.elevation, world.TOY.radius).to(device)
+    res = world.TOY.resolution
     print(f"tiny LGM: {sum(p.numel() for p in lgm.parameters()) / 1e6:.2f} M params, bank {args.bank} objects")
     t0, log = time.time(), []
     for step in tqdm(range(1, args.steps + 1), desc="sft lgm"):
         idx = torch.randint(args.bank, (args.batch_size,), generator=g)
         views = bank["views"][idx.to(device)][:, list(reconstruct.MVDREAM_TO_LGM)]   # LGM input order (LGM app.py)
-        extra_c2w = torch.stack([toy.random_cameras(args.extra_views, g) for _ in range(args.batch_size)]).to(device)
+        extra_c2w = torch.stack([world.random_cameras(args.extra_views, g) for _ in range(args.batch_size)]).to(device)
         with torch.no_grad():
-            extra = reconstruct.render_gaussians(bank["gaussians"][idx.to(device)], extra_c2w, toy.TOY.fovy, res, res)
+            extra = reconstruct.render_gaussians(bank["gaussians"][idx.to(device)], extra_c2w, world.TOY.fovy, res, res)
         target = torch.cat([views, extra["image"]], 1)
         c2w = torch.cat([cams_in.expand(args.batch_size, -1, -1, -1), extra_c2w], 1)
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step)
         with autocast(device):
             gaussians = lgm.reconstruct(views, cams_in)
-        pred = reconstruct.render_gaussians(gaussians.float(), c2w, toy.TOY.fovy, res, res)["image"]
+        pred = reconstruct.render_gaussians(gaussians.float(), c2w, world.TOY.fovy, res, res)["image"]
         mse = F.mse_loss(pred, target)
         lp = lpips_model(pred.flatten(0, 1), target.flatten(0, 1), normalize=True).mean()
         loss = mse + args.lambda_lpips * lp
@@ -353,7 +353,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=["vae", "mvdream", "lgm"], help="which toy model to train")
     p.add_argument("--out", required=True, help="output directory (vae, mvdream) or .safetensors file (lgm)")
-    p.add_argument("--vae", default="checkpoints/toy/vae-tiny", help="mvdream: the trained toy VAE (sft.py vae)")
+    p.add_argument("--vae", default="checkpoints/toy/vae-tiny", help="mvdream: the trained toy VAE (toy/sft.py vae)")
     p.add_argument("--independent-fraction", type=float, default=0.5,
                    help="mvdream: fraction of examples whose 4 views come from 4 instances of the prompt")
     p.add_argument("--init", help="lgm: start from this LGM .safetensors instead of random weights")
@@ -382,9 +382,9 @@ def main(argv=None):
     p.add_argument("--log-dir", default="outputs/sft", help="where sample grids go")
     args = p.parse_args(argv)
     if args.init and args.model != "lgm":
-        raise ValueError("--init applies to `sft.py lgm` only")
+        raise ValueError("--init applies to `python -m toy.sft lgm` only")
     if args.state and args.model != "mvdream":
-        raise ValueError("--state applies to `sft.py mvdream` only")
+        raise ValueError("--state applies to `python -m toy.sft mvdream` only")
     args.batch_size = args.batch_size or {"vae": 128, "mvdream": 512, "lgm": 32}[args.model]
     args.lr = args.lr or (5e-4 if args.model == "vae" else 1e-3)
     os.makedirs(args.log_dir, exist_ok=True)

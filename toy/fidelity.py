@@ -1,4 +1,4 @@
-# fidelity.py — prompt fidelity of 4-view samples in the toy world (toy.py): does each view show what the
+# toy/fidelity.py — prompt fidelity of 4-view samples in the toy world (toy/world.py): does each view show what the
 # prompt asks for, where ground truth shows it? evaluate.py reports it as fidelity_mean / fidelity_std.
 #
 # Why not colour histograms (the check this replaces, formerly toy.fidelity): it counted every non-white
@@ -9,13 +9,13 @@
 # that survive pixel noise, and the regions are compared with ground-truth renders of the same prompt at
 # the same camera, check by check, so a score says what is wrong (per_check=True).
 #
-# Segmentation (_segment, _measure). Pixels get toy.palette_classes' hue classes; "solid" = a palette colour
+# Segmentation (_segment, _measure). Pixels get world.palette_classes' hue classes; "solid" = a palette colour
 # with min RGB <= 0.6 (objects are saturated even where lit; the noise is pale speckle). Regions: box-blur
 # 3x3, then each pixel takes the majority solid colour of its 5x5 window (where >= half of it is solid). The
 # main object / the part = the connected region of its colour around that colour's densest 9x9 window.
 # Silhouettes use the unblurred solid pixels of that colour within 2 px of the region, closed by 1 px.
 #
-# Ground truth (_measured_geometry, _expected): toy.make_object with TEMPLATE_SEEDS (disjoint from any
+# Ground truth (_measured_geometry, _expected): world.make_object with TEMPLATE_SEEDS (disjoint from any
 # seed the tests draw), rendered at the sample's elevation and resolution, measured by the same code, cached
 # per geometry (main shape, part shape, side): colours do not change the geometry, so canonical colours
 # serve every colouring. Expected values are means over the seeds.
@@ -44,9 +44,9 @@
 # fraction of it, so a view that misses its part keeps 0.4 * 0.5 = 20% and noise alone keeps 50%.
 #
 # Measured on this 2-core CPU (tests/test_fidelity.py asserts about half of each margin): ground truth of new
-# seeds scores 0.989 mean, 0.80 min over 80 random train + test prompts of the current world (toy.py's instance
+# seeds scores 0.989 mean, 0.80 min over 80 random train + test prompts of the current world (toy/world.py's instance
 # variation; 0.993 / 0.921 over 60 prompts with the narrower sizes and yaw of its first version, on which the
-# numbers below were measured; `python fidelity.py` shows the same picture on the current world). Ground
+# numbers below were measured; `python -m toy.fidelity` shows the same picture on the current world). Ground
 # truth's losses are a large part hiding most of the main object, and part_shape on ~12-16 px parts, whose
 # bounding boxes are a few pixels wide, so a half-pixel shift of an edge can make a small cube on a ball read
 # as a cylinder or a ball on a cylinder as a cube. Corruptions of those 60 (means): part dropped
@@ -66,9 +66,9 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
-import toy
+from toy import world
 
-NUM_COLORS = len(toy.COLORS)
+NUM_COLORS = len(world.COLORS)
 
 # Segmentation
 SOLID_MAX = 0.6            # a solid pixel's min RGB: objects <= 0.6 even where lit, the models' noise is paler
@@ -108,16 +108,16 @@ def _ramp(x, lo, hi):
 # Measuring one view: colour regions, their areas, centroids and silhouettes
 # ---------------------------------------------------------------------------------------------------------
 def _segment(views):
-    # (N, 3, H, W) -> regions, classes: (N, H, W) long, -1 = none, 0..4 = palette colour (toy.palette_classes).
+    # (N, 3, H, W) -> regions, classes: (N, H, W) long, -1 = none, 0..4 = palette colour (world.palette_classes).
     # regions: blurred, then the majority solid colour of each 5x5 window where half the window is solid;
     # classes: the solid colour class of each unblurred pixel
     blur = F.avg_pool2d(views, BLUR, 1, BLUR // 2, count_include_pad=False)
-    cls = toy.palette_classes(blur)
+    cls = world.palette_classes(blur)
     solid = (cls >= 0) & (cls < NUM_COLORS) & (blur.amin(1) <= SOLID_MAX)
     onehot = F.one_hot(cls.clamp(0, NUM_COLORS - 1), NUM_COLORS).permute(0, 3, 1, 2).float() * solid[:, None]
     local = F.avg_pool2d(onehot, MODE_WINDOW, 1, MODE_WINDOW // 2, count_include_pad=False)
     regions = torch.where(local.sum(1) >= 0.5, local.argmax(1), -1)
-    raw = toy.palette_classes(views)
+    raw = world.palette_classes(views)
     classes = torch.where((raw < NUM_COLORS) & (views.amin(1) <= SOLID_MAX), raw, -1)
     return regions, classes
 
@@ -209,29 +209,29 @@ def _measure(views, main_idx, part_idx):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Ground truth: what the checks expect of a prompt at each view, measured on renders of toy.make_object
+# Ground truth: what the checks expect of a prompt at each view, measured on renders of world.make_object
 # ---------------------------------------------------------------------------------------------------------
 _MEASURED: dict = {}   # (shape, part_shape, side, elevation, resolution) -> measurements (S, 4, ...)
 _EXPECTED: dict = {}   # same key -> what a sample of that geometry should show (see _expected)
 
 
 def _measured_geometry(shape, part_shape, side, elevation, resolution):
-    # A geometry's renders depend on the shapes and the side, not on the colours (toy.make_object draws the
+    # A geometry's renders depend on the shapes and the side, not on the colours (world.make_object draws the
     # same random numbers for any colour), so one canonical colouring serves every prompt of that geometry
     key = (shape, part_shape, side, float(elevation), int(resolution))
     if key not in _MEASURED:
-        prompt = toy.format_prompt(toy.ToyPrompt(CANON_MAIN, shape, part_shape and CANON_PART, part_shape, side))
-        objs = torch.stack([toy.make_object(prompt, torch.Generator().manual_seed(s)) for s in TEMPLATE_SEEDS])
-        views = toy.render_views(objs, elevation, resolution).flatten(0, 1)        # (S * 4, 3, H, W)
+        prompt = world.format_prompt(world.ToyPrompt(CANON_MAIN, shape, part_shape and CANON_PART, part_shape, side))
+        objs = torch.stack([world.make_object(prompt, torch.Generator().manual_seed(s)) for s in TEMPLATE_SEEDS])
+        views = world.render_views(objs, elevation, resolution).flatten(0, 1)        # (S * 4, 3, H, W)
         n = len(views)
-        main_idx = torch.full((n,), toy.COLORS.index(CANON_MAIN))
-        part_idx = torch.full((n,), toy.COLORS.index(CANON_PART) if part_shape else -1)
+        main_idx = torch.full((n,), world.COLORS.index(CANON_MAIN))
+        part_idx = torch.full((n,), world.COLORS.index(CANON_PART) if part_shape else -1)
         m = _measure(views, main_idx, part_idx)
         _MEASURED[key] = {k: v.view(len(TEMPLATE_SEEDS), 4, *v.shape[1:]) for k, v in m.items()}
     return _MEASURED[key]
 
 
-def _expected(p: toy.ToyPrompt, elevation, resolution):
+def _expected(p: world.ToyPrompt, elevation, resolution):
     # -> dict of tensors: main_area (4,), part_area (4,), part_full (), offset (4, 2), main_templates and
     # part_templates (4 shapes, S, 4 views, DESC, DESC). Templates of the main shape come from the same prompt
     # with the main shape swapped (same part, same side: the part occludes them as it occludes the sample),
@@ -240,10 +240,10 @@ def _expected(p: toy.ToyPrompt, elevation, resolution):
     if key not in _EXPECTED:
         own = _measured_geometry(p.shape, p.part_shape, p.side, elevation, resolution)
         main_t = torch.stack([_measured_geometry(k, p.part_shape, p.side, elevation, resolution)["main_sil"]
-                              for k in toy.SHAPES])
+                              for k in world.SHAPES])
         if p.has_part:
             part_t = torch.stack([_measured_geometry(p.shape, k, p.side, elevation, resolution)["part_sil"]
-                                  for k in toy.SHAPES])
+                                  for k in world.SHAPES])
         else:
             part_t = torch.zeros_like(main_t)
         part_area = own["part_area"].mean(0)
@@ -294,7 +294,7 @@ def _checks(obs, exp, shape_idx, part_shape_idx, has_part):
 
 
 def _check_inputs(views, prompts, elevation):
-    if not isinstance(views, torch.Tensor) or views.dim() != 5 or views.shape[1:3] != (toy.TOY.num_views, 3):
+    if not isinstance(views, torch.Tensor) or views.dim() != 5 or views.shape[1:3] != (world.TOY.num_views, 3):
         got = tuple(views.shape) if isinstance(views, torch.Tensor) else type(views).__name__
         raise ValueError(f"views must be a (B, 4, 3, H, W) tensor in MVDream view order, got {got}")
     if views.shape[-1] != views.shape[-2] or views.shape[-1] < 16:
@@ -313,7 +313,7 @@ def _check_inputs(views, prompts, elevation):
         raise ValueError(f"elevation must be a finite number of degrees (MVDream convention), got {elevation!r}")
 
 
-def fidelity(views: torch.Tensor, prompts: list[str], elevation: float = toy.TOY.elevation, per_check: bool = False):
+def fidelity(views: torch.Tensor, prompts: list[str], elevation: float = world.TOY.elevation, per_check: bool = False):
     """Prompt fidelity of (B, 4, 3, H, W) views in [0, 1] (MVDream view order, white background) -> (B,) in
     [0, 1]; 1 = every view shows the prompt's objects as ground truth does. per_check=True also returns
     {check name: (B, 4) per-view check values in [0, 1], "view": (B, 4) per-view scores} (formula: top of file)."""
@@ -325,8 +325,8 @@ def fidelity(views: torch.Tensor, prompts: list[str], elevation: float = toy.TOY
 
 
 def _fidelity(views, parsed, exp, obs, part_idx, per_check=False):
-    shape_idx = torch.tensor([toy.SHAPES.index(p.shape) for p in parsed])
-    part_shape_idx = torch.tensor([toy.SHAPES.index(p.part_shape) if p.has_part else 0 for p in parsed])
+    shape_idx = torch.tensor([world.SHAPES.index(p.shape) for p in parsed])
+    part_shape_idx = torch.tensor([world.SHAPES.index(p.part_shape) if p.has_part else 0 for p in parsed])
     checks = _checks(obs, exp, shape_idx, part_shape_idx, part_idx >= 0)
     per_view = checks["main"]
     for name, w in WEIGHTS.items():
@@ -337,21 +337,21 @@ def _fidelity(views, parsed, exp, obs, part_idx, per_check=False):
 
 def _observe(views, prompts, elevation):
     # measurements of every view (B, 4, ...) and what ground truth of each prompt shows there
-    parsed = [toy.parse_prompt(p) for p in prompts]
+    parsed = [world.parse_prompt(p) for p in prompts]
     b, h = views.shape[0], views.shape[-1]
     per_prompt = [_expected(p, elevation, h) for p in parsed]
     exp = {k: torch.stack([e[k] for e in per_prompt]) for k in per_prompt[0]}
-    main_idx = torch.tensor([toy.COLORS.index(p.color) for p in parsed])
-    part_idx = torch.tensor([toy.COLORS.index(p.part_color) if p.has_part else -1 for p in parsed])
+    main_idx = torch.tensor([world.COLORS.index(p.color) for p in parsed])
+    part_idx = torch.tensor([world.COLORS.index(p.part_color) if p.has_part else -1 for p in parsed])
     flat = views.detach().float().cpu().clamp(0.0, 1.0).flatten(0, 1)
     obs = _measure(flat, main_idx.repeat_interleave(4), part_idx.repeat_interleave(4))
     return parsed, exp, {k: v.view(b, 4, *v.shape[1:]) for k, v in obs.items()}, part_idx
 
 
-def size_spread(views: torch.Tensor, prompts: list[str], elevation: float = toy.TOY.elevation):
+def size_spread(views: torch.Tensor, prompts: list[str], elevation: float = world.TOY.elevation):
     """Cross-view inconsistency of size, measured without any reconstruction: per sample, the std over its 4
     views of log(main object's area / ground truth's mean area at that view) -> (B,). One object seen from 4
-    cameras keeps the ratio nearly constant (its size is one draw); 4 instances of the prompt (sft.py's
+    cameras keeps the ratio nearly constant (its size is one draw); 4 instances of the prompt (toy/sft.py's
     independent examples) do not. An absent main object counts as 4 pixels."""
     _check_inputs(views, prompts, elevation)
     if views.shape[0] == 0:
@@ -363,7 +363,7 @@ def _size_spread(views, parsed, exp, obs, part_idx):
     return (obs["main_area"].clamp(min=4.0) / exp["main_area"]).log().std(1).to(views.device)
 
 
-def fidelity_and_size_spread(views: torch.Tensor, prompts: list[str], elevation: float = toy.TOY.elevation):
+def fidelity_and_size_spread(views: torch.Tensor, prompts: list[str], elevation: float = world.TOY.elevation):
     """fidelity(views, ...) and size_spread(views, ...) from one measurement of the views (evaluate.py)."""
     _check_inputs(views, prompts, elevation)
     if views.shape[0] == 0:
@@ -373,27 +373,27 @@ def fidelity_and_size_spread(views: torch.Tensor, prompts: list[str], elevation:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Demo: python fidelity.py -> ground truth vs controlled corruptions for 3 prompts (a few seconds)
+# Demo: python -m toy.fidelity -> ground truth vs controlled corruptions for 3 prompts (a few seconds)
 # ---------------------------------------------------------------------------------------------------------
 def _render(prompts, seed):
-    objs = torch.stack([toy.make_object(p, torch.Generator().manual_seed(seed)) for p in prompts])
-    return toy.render_views(objs)
+    objs = torch.stack([world.make_object(p, torch.Generator().manual_seed(seed)) for p in prompts])
+    return world.render_views(objs)
 
 
 def _corruptions(prompt, seed):
     # name -> (4, 3, H, W) views that should score below the ground truth of `prompt`
-    p = toy.parse_prompt(prompt)
+    p = world.parse_prompt(prompt)
     gt = _render([prompt], seed)[0]
     other_side = {"left": "right", "right": "left", "front": "back", "back": "front", "top": "front"}
-    spare = [c for c in toy.COLORS if c not in (p.color, p.part_color)][0]
+    spare = [c for c in world.COLORS if c not in (p.color, p.part_color)][0]
     variants = {"part dropped": p._replace(part_color=None, part_shape=None, side=None),
                 "part recoloured": p._replace(part_color=spare),
                 "part on another side": p._replace(side=other_side[p.side]),
-                "main shape swapped": p._replace(shape=toy.SHAPES[(toy.SHAPES.index(p.shape) + 1) % 4]),
-                "one ball of the main colour": toy.ToyPrompt(p.color, "ball"),
-                "red ball (collapse)": toy.ToyPrompt("red", "ball")}
+                "main shape swapped": p._replace(shape=world.SHAPES[(world.SHAPES.index(p.shape) + 1) % 4]),
+                "one ball of the main colour": world.ToyPrompt(p.color, "ball"),
+                "red ball (collapse)": world.ToyPrompt("red", "ball")}
     names = list(variants)
-    out = dict(zip(names, _render([toy.format_prompt(v) for v in variants.values()], seed)))
+    out = dict(zip(names, _render([world.format_prompt(v) for v in variants.values()], seed)))
     white = gt.amin(0, keepdim=True) > 0.999
     g = torch.Generator().manual_seed(seed)
     pastel = 1 - 0.5 * torch.rand(gt.shape, generator=g)

@@ -1,15 +1,15 @@
-# toy.py — a procedural 3D toy world that makes Carve3D runnable offline on a laptop CPU.
+# toy/world.py — a procedural 3D toy world that makes Carve3D runnable offline on a laptop CPU.
 #
 # Real MVDream/LGM weights cannot be used here, so we build a small world whose ground truth we can render
 # with our own Gaussian renderer (reconstruct.render_gaussians): every object is a set of 3D
-# Gaussians in LGM's 14-channel layout (LGM core/models.py) on a white background (as LGM's renders). A tiny MVDream (sft.py)
+# Gaussians in LGM's 14-channel layout (LGM core/models.py) on a white background (as LGM's renders). A tiny MVDream (toy/sft.py)
 # learns prompt -> 4 views, a tiny LGM learns 4 views -> Gaussians, and RL then improves the multi-view
 # consistency that MRC measures (Carve3D Sec. 3). Parts sit on a side of the main object, so the 4 views
 # really differ (a part on the left is on the left in view 0, in front in view 3, hidden in view 1), and a
 # model can get one view right and another wrong — exactly the inconsistency MRC is meant to catch.
 #
 # Sections: constants, prompt grammar and splits, object frame, shapes, make_object, rendering and batches,
-# palette colour classes (used by fidelity.py, the prompt-fidelity metric), distort_view (controlled
+# palette colour classes (used by toy/fidelity.py, the prompt-fidelity metric), distort_view (controlled
 # inconsistency, Carve3D Sec. 3).
 import itertools
 import math
@@ -60,7 +60,7 @@ N_MAIN, N_PART = 768, 256
 # known words. The splits are therefore disjoint and together cover the whole grammar: 20 single-object and
 # 1600 two-object prompts, 1179 in train and 441 in test.
 # ---------------------------------------------------------------------------------------------------------
-PALETTE = {  # base RGB; hue is what fidelity.py reads, so hues are kept >= 50 degrees apart
+PALETTE = {  # base RGB; hue is what toy/fidelity.py reads, so hues are kept >= 50 degrees apart
     "red": (0.85, 0.10, 0.10),
     "yellow": (0.95, 0.82, 0.08),
     "green": (0.12, 0.68, 0.18),
@@ -305,7 +305,7 @@ def _shape_gaussians(shape, n, half_size, center, rgb, generator):
 # ---------------------------------------------------------------------------------------------------------
 # Instance variation of an object (all drawn per object): sizes, shade, yaw, the part's gap and slide. Wide
 # enough that views of two instances of one prompt visibly disagree (sizes differ by up to 60%), which is what
-# the SFT data's independent-view examples need (sft.py), while every instance still matches its prompt.
+# the SFT data's independent-view examples need (toy/sft.py), while every instance still matches its prompt.
 MAIN_HALF_SIZE, PART_HALF_SIZE, PART_GAP, PART_SLIDE = (0.20, 0.32), (0.11, 0.14), (0.0, 0.04), 0.3
 SHADE = 0.15  # brightness factor in [1 - SHADE, 1 + SHADE]; keeps the hue, so the colour word stays true
 
@@ -406,7 +406,7 @@ def make_batch(prompts: list[str], generator: torch.Generator, extra_views: int 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Palette colour classes of image pixels: what fidelity.py (the prompt-fidelity metric) segments views with,
+# Palette colour classes of image pixels: what toy/fidelity.py (the prompt-fidelity metric) segments views with,
 # and what distort_view's recolor / blob pick their colours with.
 #   foreground = pixels with any channel < 0.95 (the background is white); each foreground pixel is classified
 #   by HUE into the 5 palette colours (nearest palette hue within 25 deg, chroma max-min >= 0.12) or "other".
@@ -527,7 +527,7 @@ def distort_view(view: torch.Tensor, kind: str, level: float, generator: torch.G
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Demo: python toy.py -> outputs/toy_demo.png (4 MVDream views per row, prompt above each row)
+# Demo: python -m toy.world -> outputs/toy_demo.png (4 MVDream views per row, prompt above each row)
 # ---------------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
     train, test = train_prompts(), test_prompts()
