@@ -28,7 +28,7 @@ first N prompts, and an orbit around them (view3d.py).
 
 --through-vae: ground truth as a latent model sees it, the renders encoded and decoded by its VAE. That is what
 SFT teaches the model to produce and the best it can draw; the VAE also smooths the images, which alone lowers
-MRC (toy: 0.183 -> 0.131 on 32 test prompts), so a latent model's MRC is compared with this reference.
+MRC, so a latent model's MRC is compared with this reference.
 """
 
 import argparse
@@ -156,15 +156,13 @@ def table(args, device):
 
 
 def _run_rows(rows, device, jobs):
-    # --jobs N: rows in N worker processes that split the CPU's threads. The tiny UNet's kernels scale badly over
-    # threads (2 cores: a sampled row takes 1.7x less time on 2 threads than on 1), so two one-thread rows at a time
-    # finish sooner (the README's 7-row table: 5 min 55 s instead of 6 min 21 s).
+    # --jobs N: rows in N worker processes that split the CPU's threads: the tiny UNet's kernels scale badly over
+    # threads, so N rows on fewer threads each finish sooner than one row after the other on all of them.
     if jobs <= 1:
         return [evaluate(row, device) for row in rows]
     if device.type != "cpu":
         raise ValueError(f"--jobs {jobs}: parallel rows are for the CPU (device {device}); use --jobs 1")
-    # Longest first: a sampled row costs ~2.5x a ground-truth row, so those start first and the ground-truth rows
-    # fill the last gap (7 rows on 2 workers: the fifth sampled row no longer runs alone after them).
+    # Longest first: sampled rows cost more than ground-truth rows, which then fill the last gap.
     order = sorted(range(len(rows)), key=lambda i: rows[i].ground_truth)
     threads = max(1, torch.get_num_threads() // jobs)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
@@ -213,7 +211,8 @@ def robustness(args, device):
     lines += [f"| {k} | " + " | ".join(f"{x:.4f}" for x in v) + f" | {monotone[k]} |" for k, v in table.items()]
     with open(os.path.join(args.out, "robustness.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    line_plot(os.path.join(args.out, "robustness.png"), levels, table, "distortion level", "MRC (LPIPS)")
+    line_plot(os.path.join(args.out, "robustness.png"), levels, table, "distortion level of view 1", "MRC (LPIPS)",
+              title=f"MRC of {len(prompts)} ground-truth objects, one view distorted")
     print("\n".join(lines))
     return table, monotone
 
@@ -240,7 +239,7 @@ def main(argv=None):
     p.add_argument("--levels", type=int, default=4, help="robustness: distortion levels after 0")
     p.add_argument("--batch-size", type=int, default=16, help="objects per sampling / reward batch")
     p.add_argument("--jobs", type=int, default=1, help="--table on the CPU: rows evaluated in this many processes "
-                   "at once, splitting the threads (2 on a 2-core CPU: 7%% faster for the README's table)")
+                   "at once, splitting the threads (e.g. 2 on a 2-core CPU)")
     p.add_argument("--orbit", type=int, default=0, help="write orbit/NN_<prompt>.ply and .gif for the first N prompts")
     p.add_argument("--orbit-size", type=int, default=ORBIT_SIZE, help="orbit GIF frame size in pixels")
     args = p.parse_args(argv)

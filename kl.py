@@ -19,16 +19,6 @@ config/base.py; the final values in config/dgx.py, as its README's "KL-divergenc
     kl_per_prompt_stat_tracking  z-score the KL per prompt with its own PerPromptStatTracker
     kl_normalized_coeff          c in  A = z_reward - c * z_KL                 (final paper value 0.2)
     kl_beta                      beta in loss += beta * mean(log p_theta - log p_ref)  (in-loss variant)
-
-Not Carve3D, an option (off by default): kl_mean_coeff adds to the loss the exact KL of every trained step,
-KL(N(mu_theta, s^2) || N(mu_ref, s^2)) = |mu_theta - mu_ref|^2 / (2 s^2) per dimension (gaussian_kl), the
-per-step bound on the path KL that DPOK regularises with (Fan et al. 2023, "DPOK", Sec. 4), with kl_target
-adapting its weight per epoch as PPO's adaptive KL penalty does (Schulman et al. 2017, Sec. 4). Why: the
-z-scored KL of the advantage only ranks a prompt's samples against each other, and per-prompt advantages
-have zero mean, so nothing pulls the policy as a whole back to the reference (in the toy world coefficients
-0, 0.2 and 1 all lost the prompt at a high learning rate); and the in-loss branch above differentiates the
-log-prob of a sample drawn from the policy itself, whose expected gradient is zero on-policy
-(E_x~p[grad log p(x)] = 0). The gradient of gaussian_kl pulls mu_theta towards mu_ref at every state.
 """
 
 import numpy as np
@@ -69,10 +59,18 @@ def kl_loss_term(log_prob, ref_log_prob, kl_beta):
     """In-loss KL (Carve3D's kl_in_reward=False branch): beta * mean(log p_theta - log p_ref).
 
     The gradient flows through the current policy's log-prob of the stored transition only; the
-    reference log-prob was stored at sampling time.
+    reference log-prob was stored at sampling time. On-policy its expected gradient is zero
+    (E_x~p[grad log p(x)] = 0): it pulls towards the reference only through the samples' noise.
     """
     return kl_beta * (log_prob - ref_log_prob.to(log_prob.dtype)).mean()
 
+
+# ---------------------------------------------------------------------------------------------------
+# Beyond Carve3D, off by default (config kl_mean_coeff, kl_target): the exact KL of every trained step in the loss.
+# The z-scored KL above only ranks a prompt's samples against each other (per-prompt advantages have zero mean), so
+# nothing pulls the policy as a whole back to the reference. KL(N(mu, s^2) || N(mu_ref, s^2)) per dimension is the
+# per-step bound on the path KL that DPOK regularises with (Fan et al. 2023, Sec. 4); its gradient pulls mu towards
+# mu_ref at every state. kl_target adapts its weight as PPO's adaptive KL penalty does (Schulman et al. 2017, Sec. 4).
 
 def gaussian_kl(mean, ref_mean, std):
     """(B, ...) means of the policy and reference DDIM steps, shared std -> (B,) KL per dimension (mean over the

@@ -8,7 +8,7 @@
 #     self-attentions use our multi-view processor (mvdream/ldm/modules/attention.py BasicTransformerBlock3D);
 #   * text encoder = transformers' CLIPTextModel (23 layers = OpenCLIP ViT-H's "penultimate" layer);
 #   * weights: support/mvdream_weights.py converts the original checkpoint and the diffusers port.
-# The toy world uses the same classes at toy size, in pixel space (see `tiny`).
+# The toy world uses the same classes at toy size, a latent model like the real one (see `tiny`).
 import contextlib
 import math
 import os
@@ -34,8 +34,8 @@ from support.mvdream_weights import SD21_TEXT_CONFIG, SD21_VAE_CONFIG, HashToken
 # "tiny": the toy world's model, a latent diffusion model like the real one: it denoises the 4x16x16 latents
 # of the toy VAE (TINY_VAE_CONFIG) at 16, 8 and 4 px, with multi-view + text attention at 8x8 and 4x4 (4 views
 # x 64 tokens at 8x8 are cheap), head dim 16; 2.7 M parameters. Sized for a hard CPU budget: one CFG forward
-# for 8 prompts x 4 views (batch 64) is 14 GFLOP. bench/sample.py times the policy. (An earlier pixel-space
-# toy model left coloured noise in its samples' backgrounds: why the toy world is latent, as MVDream is.)
+# for 8 prompts x 4 views (batch 64) is 14 GFLOP. bench/sample.py times the policy. Latent, as MVDream is: a
+# pixel-space toy model left coloured noise in its samples' backgrounds.
 UNET_CONFIGS = {
     "sd21-4view": dict(
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
@@ -98,12 +98,22 @@ class MultiViewAttnProcessor:
                              "the batch must hold whole objects with their views contiguous")
         x = hidden_states.reshape(BF // frames, frames * L, C)
         context = x if encoder_hidden_states is None else encoder_hidden_states
-        qkv = lora_kernel.shared_input((attn.to_q, attn.to_k, attn.to_v), x) if encoder_hidden_states is None else None
-        q, k, v = qkv or (attn.to_q(x), attn.to_k(context), attn.to_v(context))
+        q, k, v = self.project(attn, x, context)
         q, k, v = (t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
         out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
         return out.reshape(BF, L, -1)
+
+    def project(self, attn, x, context):
+        return attn.to_q(x), attn.to_k(context), attn.to_v(context)
+
+
+class FusedQKVAttnProcessor(MultiViewAttnProcessor):
+    # Beyond the paper (config fused_lora): a self-attention's q, k and v share their input, so with fused LoRA
+    # layers they are one GEMM (support/lora_kernel.shared_input); the same function as the processor above.
+    def project(self, attn, x, context):
+        qkv = lora_kernel.shared_input((attn.to_q, attn.to_k, attn.to_v), x) if context is x else None
+        return qkv or super().project(attn, x, context)
 
 
 def _unet_kwargs(config):
@@ -280,6 +290,9 @@ class MVDreamPolicy(nn.Module):
         for m in self.unet.modules():
             if isinstance(m, LoraLinear):
                 (lora_kernel.fuse if enabled else lora_kernel.unfuse)(m)
+        processor = FusedQKVAttnProcessor if enabled else MultiViewAttnProcessor
+        self.unet.set_attn_processor({name: processor(p.num_frames) if isinstance(p, MultiViewAttnProcessor) else p
+                                      for name, p in self.unet.attn_processors.items()})
 
     @contextlib.contextmanager
     def disable_adapters(self):

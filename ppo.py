@@ -10,9 +10,8 @@ sampling and that step, so rho == 1 and the update is the on-policy score-functi
 Here rho == 1 holds exactly, in bf16 too: before the first optimizer step after sampling the parameters have
 not moved, so the old log-prob IS the current one, and we take it from the training forward itself
 (log_prob.detach()). The log-probs stored at sampling time are then a diagnostic only (logp_replay_err): a GPU
-forward batched differently can differ in its last bits (measured on an H200 in bf16 with equal micro-batch
-shapes: |rho - 1| up to 1.2e-2, half the ratios clipped at clip_range 1e-4), which would clip an update that
-is on-policy by construction. The Carve3D README (desaixie/carve3d) expects dropping the ratio to make no
+forward batched differently can differ in its last bits, enough to clip half the ratios at clip_range 1e-4
+(docs/DESIGN.md), which would clip an update that is on-policy by construction. The Carve3D README (desaixie/carve3d) expects dropping the ratio to make no
 difference. With k optimizer steps per epoch this is DDPO's multi-update PPO: the later steps compare with
 the stored sampling log-probs. support/batch_plan.py holds that arithmetic.
 

@@ -46,73 +46,69 @@ from toy.prompts import load_prompts
 
 @dataclass
 class Config:  # one flat config, one comment per field; YAML keys have the same names
-    # --- run
+    # ==== Carve3D (Sec. 4). Paper values: desaixie/carve3d config/dgx.py carve3d_train, 48 GPUs ====
     run_dir: str = "runs/toy"             # checkpoints, metrics.jsonl, TensorBoard, images and the resolved config
-    seed: int = 42                        # every generator derives from (seed, epoch, rank): resumes are exact
+    seed: int = 42                        # Carve3D 42; every generator derives from (seed, epoch, rank): exact resumes
     num_epochs: int = 40                  # including the warm-up epoch 0 (Carve3D: 55 epochs -> 54 updates)
+    val_every: int = 5                    # validation after every N-th epoch's update, and of epoch 0 (Carve3D 30)
+    world: str = "toy"                    # toy (tiny MVDream/LGM, 64 px) or paper (Carve3D: MVDream sd21 + LGM big)
+    policy: str = "checkpoints/toy/sft-base"   # MVDream: local dir/file or hub id
+    lgm: str = "checkpoints/toy/lgm-tiny-v2.safetensors"  # LGM: local file/dir or hub id
+    lgm_config: str = "tiny"              # LGM architecture: tiny or big (Carve3D's reward: LGM big)
+    elevation: float = 15.0               # camera elevation, MVDream's convention (degrees, + = above; paper setup 0)
+    train_prompts: str = "toy:train"      # toy:train, toy:test, a text file (one per line) or library.json:key
+    num_train_prompts: int = 0            # N training prompts evenly spread over the source (0 = all; Carve3D 30)
+    val_prompts: str = "toy:test"         # prompts for validation, same forms (Carve3D: DreamFusion's)
+    num_val_prompts: int = 8              # N validation prompts, each with a fixed initial noise
+    num_steps: int = 20                   # DDIM steps per trajectory (Carve3D 100)
+    eta: float = 1.0                      # DDIM stochasticity; 1 = DDPM posterior variance, a stochastic policy (1.0)
+    guidance_scale: float = 5.0           # classifier-free guidance, the same in sampling and training (5.0)
+    samples_per_epoch: int = 32           # total over all GPUs (Carve3D 768); per-GPU shares follow from the count
+    updates_per_epoch: int = 1            # optimizer steps per epoch; 1 = Carve3D's pure on-policy update
+    num_inner_epochs: int = 1             # passes over the samples per epoch (1)
+    timestep_fraction: float = 1.0        # fraction of each trajectory's timesteps trained on (1.0)
+    train_cfg: bool = True                # classifier-free guidance in the training forward (true)
+    clip_range: float = 1e-4              # PPO ratio clip, tiny because log-probs are per-dimension means (1e-4)
+    adv_clip_max: float = 5.0             # advantages clipped to [-5, 5] (5)
+    learning_rate: float = 3e-4           # AdamW on the LoRA weights (3e-4)
+    adam_beta1: float = 0.9               # AdamW beta1 (0.9)
+    adam_beta2: float = 0.999             # AdamW beta2 (0.999)
+    adam_weight_decay: float = 1e-4       # AdamW weight decay (1e-4)
+    adam_epsilon: float = 1e-8            # AdamW epsilon (1e-8)
+    max_grad_norm: float = 1.0            # gradient clipping (1.0)
+    lora_rank: int = 4                    # LoRA rank on to_q, to_k, to_v, to_out.0 (4)
+    lora_alpha: float = 4.0               # LoRA alpha: scale alpha / rank = 1, as DDPO's unscaled LoRA
+    lpips_size: int = 0                   # crops resized to this size for LPIPS (0 = the view resolution, as Carve3D)
+    per_prompt_stat_tracking: bool = True # z-score rewards per prompt (else over the whole batch) (true)
+    stat_buffer_size: int = 0             # per-prompt history (0 = 3 epochs of samples per prompt: Carve3D's 75)
+    stat_min_count: int = 0               # fewer values: batch statistics (0 = one epoch's samples per prompt: 25)
+    kl_log: bool = True                   # log validation KL to the reference, the policy with LoRA off (true)
+    kl_penalty: bool = True               # reference log-probs while sampling, KL used in training (true)
+    kl_in_reward: bool = True             # KL in the advantage (else in the loss, weight kl_beta) (true)
+    kl_per_prompt_stat_tracking: bool = True  # z-score KL per prompt with its own tracker (true)
+    kl_normalized_coeff: float = 0.2      # A = z_reward - c * z_KL (0.2)
+    kl_beta: float = 0.001                # in-loss KL weight, only when kl_in_reward is false (0.001)
+    # ==== Beyond the paper: how it runs (results do not depend on these) ====
     resume: str = "auto"                  # auto: newest complete checkpoint in run_dir; never; or a checkpoint path
     save_every: int = 1                   # checkpoint every N epochs (and at the end)
-    val_every: int = 5                    # validation after the update of every N-th epoch (epoch 0: the start)
     device: str = "auto"                  # auto (cuda if available), cuda or cpu
     mixed_precision: str = "bf16"         # CUDA: bf16 frozen weights + fp32 LoRA under bf16 autocast; "no" = fp32
     compile: bool = True                  # CUDA: torch.compile the UNet, VAE decoder and LGM (false: eager)
-    fused_lora: bool = False              # each LoRA layer as one GEMM (support/lora_kernel.py; false: peft's layers)
+    micro_batch_size: int = 8             # prompts per UNet call on one GPU, in sampling and training alike
     nonfinite: str = "skip"               # non-finite loss/grad: skip the update on every rank (and count) or stop
     wandb: bool = False                   # also log to Weights & Biases (needs `pip install wandb`)
     log_images: int = 4                   # objects in each epoch's captioned image grid (0 = none)
-    # --- models
-    world: str = "toy"                    # toy (tiny MVDream/LGM, 64 px) or paper (MVDream sd21-4view + LGM big)
-    policy: str = "checkpoints/toy/sft-base"   # MVDream: local dir/file or hub id
-    lgm: str = "checkpoints/toy/lgm-tiny-v2.safetensors"  # LGM: local file/dir or hub id
-    lgm_config: str = "tiny"              # LGM architecture: tiny or big
     random_init: bool = False             # random weights instead of checkpoints: benchmarks and smoke tests ONLY
-    elevation: float = 15.0               # camera elevation in MVDream's convention (degrees, positive = above)
-    # --- prompts
-    train_prompts: str = "toy:train"      # toy:train, toy:test, a text file (one per line) or library.json:key
-    num_train_prompts: int = 0            # N training prompts evenly spread over the source (0 = all; Carve3D 30)
-    val_prompts: str = "toy:test"         # prompts for validation, same forms
-    num_val_prompts: int = 8              # N validation prompts, each with a fixed initial noise
-    num_val_samples: int = 1              # samples per val prompt, each its own fixed noise (>= 2: val diversity)
-    # --- sampling (Carve3D: 100 steps, eta 1, guidance 5)
-    num_steps: int = 20                   # DDIM steps per trajectory
-    eta: float = 1.0                      # DDIM stochasticity; 1 = DDPM posterior variance (a stochastic policy)
-    guidance_scale: float = 5.0           # classifier-free guidance, the same in sampling and training
-    samples_per_epoch: int = 32           # total over all GPUs (Carve3D: 768); per-GPU shares follow from the count
-    micro_batch_size: int = 8             # prompts per UNet call on one GPU, in sampling and training alike
-    # --- PPO (Carve3D's final values: desaixie/carve3d config/dgx.py carve3d_train)
-    updates_per_epoch: int = 1            # optimizer steps per epoch; 1 = Carve3D's pure on-policy update
-    num_inner_epochs: int = 1             # passes over the samples per epoch
-    timestep_fraction: float = 1.0        # fraction of each trajectory's timesteps trained on
-    train_cfg: bool = True                # classifier-free guidance in the training forward
-    clip_range: float = 1e-4              # PPO ratio clip (tiny because log-probs are per-dimension means)
-    adv_clip_max: float = 5.0             # advantages clipped to [-5, 5]
-    learning_rate: float = 3e-4           # AdamW on the LoRA weights
-    adam_beta1: float = 0.9               # AdamW beta1
-    adam_beta2: float = 0.999             # AdamW beta2
-    adam_weight_decay: float = 1e-4       # AdamW weight decay
-    adam_epsilon: float = 1e-8            # AdamW epsilon
-    max_grad_norm: float = 1.0            # gradient clipping
-    lora_rank: int = 4                    # LoRA rank on to_q, to_k, to_v, to_out.0
-    lora_alpha: float = 4.0               # LoRA alpha (scale alpha / rank; rank = alpha -> scale 1 as in DDPO)
-    # --- reward and per-prompt stat tracking
-    lpips_size: int = 0                   # crops resized to this size for LPIPS (0 = the view resolution, as Carve3D)
-    lgm_recenter: bool = False            # LGM app.py's per-view recentring before LGM (reward.py says why it is off)
-    per_prompt_stat_tracking: bool = True # z-score rewards per prompt (else over the whole batch)
-    stat_buffer_size: int = 0             # per-prompt history (0 = 3 epochs of samples per prompt: Carve3D's 75)
-    stat_min_count: int = 0               # fewer values: batch statistics (0 = one epoch's samples per prompt: 25)
-    # --- KL regularisation (Carve3D Sec. 4.2; kl.py)
-    kl_log: bool = True                   # log validation KL to the reference (LoRA disabled)
-    kl_penalty: bool = True               # compute the reference log-probs while sampling and use the KL
-    kl_in_reward: bool = True             # KL in the advantage (else in the loss, weight kl_beta)
-    kl_per_prompt_stat_tracking: bool = True  # z-score KL per prompt with its own tracker
-    kl_normalized_coeff: float = 0.2      # A = z_reward - c * z_KL
-    kl_beta: float = 0.001                # in-loss KL weight (only when kl_in_reward is false)
-    kl_mean_coeff: float = 0.0            # not Carve3D: weight of the exact per-step KL in the loss (kl.py; 0 = off)
+    # ==== Beyond the paper: extensions, off by default (docs/DESIGN.md) ====
+    fused_lora: bool = False              # each LoRA layer as one GEMM (support/lora_kernel.py): 5% faster epoch
+    lgm_recenter: bool = False            # LGM app.py's per-view recentring (off: it forgives what MRC must see)
+    kl_mean_coeff: float = 0.0            # weight of the exact per-step KL in the loss (kl.py)
     kl_target: float = 0.0                # > 0: adapt kl_mean_coeff each epoch toward this per-step KL (kl.py)
-    # --- checkpoint selection (support/checkpoint.py BestCheckpoint): best/ = lowest val MRC among validations
-    best_max_val_kl: float = 0.0          # ... whose val KL is at most this (0 = no limit; Carve3D stops on KL)
-    best_max_fidelity_drop: float = 0.05  # ... and, in the toy world, whose val fidelity is within this of epoch 0's
-    best_min_diversity: float = 0.0       # ... and whose val diversity is at least this fraction of epoch 0's (0 = off)
+    num_val_samples: int = 1              # samples per val prompt, each its own fixed noise (>= 2: val diversity)
+    # best/ = lowest val MRC among validations that pass these (support/checkpoint.py BestCheckpoint):
+    best_max_val_kl: float = 0.0          # val KL at most this (0 = no limit; Carve3D stops at a safe KL by hand)
+    best_max_fidelity_drop: float = 0.05  # toy: val fidelity within this of epoch 0's (an MRC bought by the prompt)
+    best_min_diversity: float = 0.0       # val diversity at least this fraction of epoch 0's (0 = off)
 
 
 load_config = partial(_load_config, Config)  # (path, overrides) -> Config; errors name the key and the fix

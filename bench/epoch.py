@@ -281,7 +281,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--toy", action="store_true", help="toy.yaml's tiny models instead of the paper setup")
     p.add_argument("--samples", type=int, default=16, help="samples in the epoch (Carve3D: 16 per GPU)")
-    p.add_argument("--micro", type=int, default=16, help="micro_batch_size (config.yaml: 16)")
+    p.add_argument("--micro", type=int, default=16, help="micro_batch_size (config.yaml: 32, at most the samples a rank has)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--modes", default="eager,compiled", help="eager and/or compiled (compiled needs CUDA)")
     p.add_argument("--fp32-check", action="store_true", help="log-prob error of bf16 against an fp32 copy")

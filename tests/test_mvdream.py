@@ -9,7 +9,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import mvdream
 from support import mvdream_weights
-from mvdream import MVDreamPolicy, MultiViewAttnProcessor, convert_mvdream_checkpoint, get_camera, mvdream_unet
+from mvdream import FusedQKVAttnProcessor, MVDreamPolicy, MultiViewAttnProcessor, convert_mvdream_checkpoint, get_camera, mvdream_unet
 
 # The 690 UNet keys and shapes of the original checkpoint (bytedance/MVDream's
 # sd-v2.1-base-4view.pt, model.diffusion_model.*): sha256 of the sorted "key:d0,d1,..." lines, so the test needs no file outside the repo.
@@ -421,12 +421,16 @@ def test_fused_lora_computes_peft_lora(trained_lora_policy):
 
     eps0, g0, base0 = run()
     policy.fuse_lora()
+    self_attn = [p for n, p in policy.unet.attn_processors.items() if n.endswith("attn1.processor")]
+    assert self_attn and all(type(p) is FusedQKVAttnProcessor for p in self_attn)  # q, k, v as one GEMM
     eps1, g1, base1 = run()
     assert torch.equal(base1, base0)
     assert (eps1 - eps0).abs().max() < 1e-4 * eps0.abs().max() and (eps0 - base0).abs().max() > 1e-3
     for a, b in zip(g1, g0):
         assert (a - b).norm() <= 1e-4 * b.norm() and b.norm() > 0
     policy.fuse_lora(False)
+    assert all(type(p) is MultiViewAttnProcessor for n, p in policy.unet.attn_processors.items()
+               if n.endswith("attn1.processor"))
     assert torch.equal(run()[0], eps0)
 
 

@@ -16,24 +16,20 @@ distribution (Carve3D Sec. 1, Fig. 4). We reproduce that setting in the toy worl
   * LGM: 4 input views -> Gaussians -> renders of the inputs and of extra views vs ground truth,
     MSE + LPIPS, as LGM trains (3DTopia/LGM core/options.py: num_views 8, 4 of them inputs, lambda_lpips 1).
 
-Commands (seed 0, defaults otherwise; the record next to each checkpoint holds the arguments, device and wall
-time of the run that made it):
-    python -m toy.sft vae --steps 2000 --bank 8192 --out checkpoints/toy/vae-tiny        # shipped (80 s on one H200)
-    python -m toy.sft lgm --steps 3000 --out checkpoints/toy/lgm-tiny.safetensors        # the first LGM (git history)
-    python -m toy.sft lgm --init checkpoints/toy/lgm-tiny.safetensors --lr 5e-4 --seed 1 --bank 8192 --steps 4000 \
-        --max-minutes 7.4 --out checkpoints/toy/lgm-tiny-v2.safetensors  # shipped: continued, stopped at 1,341
+Commands that made the shipped checkpoints (seed 0 unless given; each checkpoint's record holds the arguments,
+device and wall time of its run):
+    python -m toy.sft vae --steps 2000 --bank 8192 --out checkpoints/toy/vae-tiny
+    python -m toy.sft lgm --steps 3000 --out lgm-tiny.safetensors      # the first LGM, not shipped (git: 533d5a0)
+    python -m toy.sft lgm --init lgm-tiny.safetensors --lr 5e-4 --seed 1 --bank 8192 --steps 4000 --max-minutes 7.4 \
+        --out checkpoints/toy/lgm-tiny-v2.safetensors                 # the reward model: that LGM trained further
     python -m toy.sft mvdream --bank 12288 --steps 20000 --compile reduce-overhead --state STATE --max-minutes M \
         --snapshot 3000:checkpoints/toy/sft-base --snapshot 15000:checkpoints/toy/sft-long --out outputs/sft-20000
-        # shipped: one run, continued over three H200 calls; stopped after its 15,000-step snapshot
-sft-base is the RL starting point; sft-long is the same run 5x longer (the "longer SFT" baseline, like Carve3D's
-10K -> 20K/100K). The cosine schedule spans --steps, so both are snapshots taken mid-decay (LR at 95% and 23% of its
-peak). sft-base is the earliest of the run's 3,000/3,500/4,000-step snapshots whose test fidelity reached 0.755
-(README, "The toy world"): the 3,000-step one (0.79).
+sft-base is the RL starting point; sft-long is the same run 5x longer (the "longer SFT" baseline, as Carve3D's
+10K -> 20K/100K). The cosine schedule spans --steps, so both are snapshots taken mid-decay.
 A run longer than one GPU call: repeat the same command with --state FILE --max-minutes M; each call saves the
 model at the step it reached and continues exactly where the previous one stopped (tests/test_toy_models.py).
-The MVDream step is launch-bound on a GPU (512 objects per step run at ~19 steps/s on an H200, 128 at ~15), so
-the default batch is large; `--compile reduce-overhead` replays the loss's forward and backward as CUDA graphs
-(on an H200: ~34 steps/s instead of ~19 with `--compile`).
+The MVDream step is launch-bound on a GPU, hence the large default batch and `--compile reduce-overhead` (the
+loss's forward and backward replayed as CUDA graphs).
 A quick CPU smoke run: python -m toy.sft vae --steps 20 --bank 64 --batch-size 8 --out outputs/vae-smoke, then
     python -m toy.sft mvdream --vae outputs/vae-smoke --steps 20 --bank 64 --batch-size 8 --out outputs/sft-smoke
 """

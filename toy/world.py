@@ -28,7 +28,7 @@ from support.seeding import make_generator
 
 @dataclass(frozen=True)
 class ToyConfig:
-    resolution: int = 64          # images are 64x64 (the tiny MVDream works on pixel-unshuffled 12x32x32)
+    resolution: int = 64          # images are 64x64 (the tiny MVDream denoises the toy VAE's 4x16x16 latents)
     elevation: float = 15.0       # MVDream convention (camera ABOVE); reconstruct.mvdream_view_cameras converts it
     fovy: float = 49.1            # LGM's field of view (LGM core/options.py)
     radius: float = 1.5           # LGM's camera radius (LGM core/options.py)
