@@ -1,15 +1,17 @@
 # What a run writes for people: metrics.jsonl (one line per epoch), TensorBoard scalars and image grids, and
 # optionally Weights & Biases. Rank 0 only. A restarted run drops what the epochs it redoes logged before, so
-# every epoch appears once. Support code for train.py.
+# every epoch appears once. Support code for train.py. Also the curves of runs and of evaluated checkpoints, one
+# matplotlib figure of panels (python -m support.run_log, below).
 import dataclasses
 import json
+import math
 import os
 
 import numpy as np
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from support.images import save_grid
+from support.images import draw_lines, new_figure, save_grid
 
 
 def _logged_epoch(line):
@@ -95,9 +97,9 @@ def read_metrics(run_dir):
     return rows
 
 
-def plot_validation(run_dirs, out, keys=("val_mrc", "val_fidelity", "val_kl")):
+def validation_figure(run_dirs, keys=("val_mrc", "val_fidelity", "val_kl")):
     # One panel per key (validation epochs on x), one line per run: the README's RL curves, so that a lower MRC
-    # bought with fidelity or KL is visible next to it.
+    # bought with fidelity or KL is visible next to it. -> matplotlib Figure
     def curves(key):
         series = {}
         for run in run_dirs:
@@ -106,7 +108,12 @@ def plot_validation(run_dirs, out, keys=("val_mrc", "val_fidelity", "val_kl")):
                 raise KeyError(f"{run}/metrics.jsonl has no {key!r} (val_fidelity: toy world only)")
             series[os.path.basename(os.path.normpath(run))] = {r["epoch"]: r[key] for r in rows}
         return series
-    return _panels(out, keys, curves, "")
+    return panels_figure({key: curves(key) for key in keys}, "")
+
+
+def plot_validation(run_dirs, out, keys=("val_mrc", "val_fidelity", "val_kl")):
+    # validation_figure -> the PNG `out`; returns its path
+    return _save(validation_figure(run_dirs, keys), out)
 
 
 def read_checkpoint_curve(eval_dir, key):
@@ -127,27 +134,50 @@ def read_checkpoint_curve(eval_dir, key):
     return curves
 
 
-def plot_checkpoint_curve(eval_dir, out, keys=("mrc_mean", "fidelity_mean", "diversity")):
+def checkpoint_curve_figure(eval_dir, keys=("mrc_mean", "fidelity_mean", "diversity")):
     # Test-set metrics of checkpoints along training (mean over seeds), one panel per metric, one line per
     # setting: reward hacking shows as MRC falling while fidelity and diversity fall with it (Carve3D Sec. 4.2).
-    return _panels(out, keys, lambda key: read_checkpoint_curve(eval_dir, key), "test ")
+    # -> matplotlib Figure
+    return panels_figure({key: read_checkpoint_curve(eval_dir, key) for key in keys}, "test ")
 
 
-def _panels(out, keys, curves, prefix):
-    # one line chart per key ({name: {epoch: value}} from curves(key)), side by side in one PNG
-    from support.images import line_plot
-    panels = []
-    for key in keys:
-        series = curves(key)
-        tmp = f"{out}.{key}.png"
-        line_plot(tmp, sorted({e for c in series.values() for e in c}), series, "epoch", prefix + key, size=(420, 300))
-        panels.append(Image.open(tmp).copy())
-        os.remove(tmp)
-    canvas = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
-    for i, p in enumerate(panels):
-        canvas.paste(p, (sum(q.width for q in panels[:i]), 0))
+def plot_checkpoint_curve(eval_dir, out, keys=("mrc_mean", "fidelity_mean", "diversity")):
+    # checkpoint_curve_figure -> the PNG `out`; returns its path
+    return _save(checkpoint_curve_figure(eval_dir, keys), out)
+
+
+PANEL_PX = (420, 300)  # one panel's share of the figure, in pixels (100 dpi)
+
+
+def panels_figure(curves, prefix):
+    """{key: {name: {epoch: value}}} -> one matplotlib Figure, one subplot per key (titled prefix + key; x: epoch,
+    shared), one line per name in one colour on every panel, one legend for all: a row of up to 3 panels, two
+    rows beyond."""
+    keys = list(curves)
+    names = list(dict.fromkeys(name for key in keys for name in curves[key]))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    ncols = len(keys) if len(keys) <= 3 else math.ceil(len(keys) / 2)
+    nrows = math.ceil(len(keys) / ncols)
+    fig = new_figure(ncols * PANEL_PX[0], nrows * PANEL_PX[1])
+    axes = fig.subplots(nrows, ncols, sharex=True, squeeze=False).ravel()
+    for ax, key in zip(axes, keys):
+        draw_lines(ax, [], curves[key], "epoch", "", title=prefix + key, legend=False, colors=colors)
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    for ax in axes[:len(keys)]:
+        ax.xaxis.set_tick_params(labelbottom=True)   # sharex hides the upper row's tick labels: keep them
+    handles = {}
+    for ax in axes[:len(keys)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend([handles[n] for n in names], names, loc="outside lower center", ncols=min(len(names), 6),
+               fontsize="small")
+    return fig
+
+
+def _save(fig, out):
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    canvas.save(out)
+    fig.savefig(out, dpi=100)
     return out
 
 

@@ -10,16 +10,19 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
+from PIL import Image, ImageFont
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import evaluate
 import reconstruct
 import reward
+import train
 from mvdream import MVDreamPolicy
 from sample import sample_trajectories
+from support import checkpoint
 from support import images
+from support.run_log import read_metrics
 from support.seeding import make_generator
 from toy import fidelity
 from toy import sft
@@ -30,9 +33,9 @@ CKPT = ROOT / "checkpoints" / "toy"
 # the reward: the first tiny LGM (lgm-tiny, in git history at 533d5a0) trained 1,341 steps more (its record)
 SFT_BASE, SFT_LONG, LGM_FILE = CKPT / "sft-base", CKPT / "sft-long", CKPT / "lgm-tiny-v2.safetensors"
 VAE_DIR = CKPT / "vae-tiny"
+GPU_RUNS = ROOT / "checkpoints" / "toy-gpu-runs"   # the six GPU RL runs: config, metrics.jsonl, checkpoints/best/
 RES = world.TOY.resolution                  # 64
 N_GAUSSIANS = 4 * 32 * 32                 # tiny LGM: 4 input views x splat_size^2 pixels -> one Gaussian each
-CAPTION_PX = 12                           # support.images.save_grid: a caption strip above each row of views
 
 
 def gen(seed):
@@ -81,9 +84,14 @@ def test_shipped_mvdream_checkpoints_load_strictly_and_sample_at_documented_shap
     sd_b, sd_l = base.state_dict(), long.state_dict()
     assert [(k, v.shape) for k, v in sd_b.items()] == [(k, v.shape) for k, v in sd_l.items()]
     assert not all(torch.equal(sd_b[k], sd_l[k]) for k in sd_b)
-    steps = [json.loads((f / "sft_record.json").read_text())["step"] for f in (SFT_BASE, SFT_LONG)]
-    # "longer SFT" is 4.3x the steps (Carve3D compares 10K with 20K / 100K; 5x was planned, the GPU call ran out)
-    assert 4 * steps[0] <= steps[1]
+    # "longer SFT": both are EMA snapshots of one run (same arguments but the time budget of the call that wrote
+    # it), sft-long at a later step (Carve3D compares 10K with 20K / 100K steps); each record's step is one of the
+    # run's --snapshot steps
+    records = [json.loads((f / "sft_record.json").read_text()) for f in (SFT_BASE, SFT_LONG)]
+    args = [{k: v for k, v in r["args"].items() if k != "max_minutes"} for r in records]
+    assert args[0] == args[1] and records[0]["step"] < records[1]["step"]
+    snapshot_steps = {int(s.split(":")[0]) for s in records[0]["args"]["snapshot"]}
+    assert {r["step"] for r in records} <= snapshot_steps
     # both are latent models on the shipped VAE, which MVDream SFT keeps frozen (stored in fp16)
     vae = load_file(VAE_DIR / "diffusion_pytorch_model.safetensors")
     for sd in (sd_b, sd_l):
@@ -97,27 +105,74 @@ def test_shipped_mvdream_checkpoints_load_strictly_and_sample_at_documented_shap
         assert traj["latents"].shape == (1, 2, 4, 4, 16, 16)
 
 
-# rl-gpu: GPU run kl-1's best/ (epoch 12, chosen with the diversity condition); rl-cpu: the CPU main job's best/, its
-# last epoch (19). fidelity_0: each run's epoch-0 val fidelity (its metrics.jsonl).
-@pytest.mark.parametrize("name, best_epoch, fidelity_0", [("rl-cpu", 19, 0.7646), ("rl-gpu", 12, 0.7783)])
-def test_shipped_rl_lora_loads_onto_sft_base_and_changes_its_samples(name, best_epoch, fidelity_0):
-    folder = CKPT / name
+def shipped_rl_results():
+    # every shipped RL result with its own records: (config, run dir with metrics.jsonl, folder with best.json and
+    # the LoRA). rl-cpu / rl-gpu: checkpoints/toy/NAME (a run's best/ with its records); the GPU runs: their dirs.
+    found = [pytest.param(CKPT / n / "train_config.yaml", CKPT / n, CKPT / n, id=n) for n in ("rl-cpu", "rl-gpu")]
+    found += [pytest.param(d / "config.yaml", d, d / "checkpoints" / "best", id=d.name)
+              for d in sorted(GPU_RUNS.iterdir()) if d.is_dir()]
+    return found
+
+
+def test_the_gpu_runs_are_shipped_with_their_records():
+    runs = [d for d in sorted(GPU_RUNS.iterdir()) if d.is_dir()]
+    assert runs, "checkpoints/toy-gpu-runs/ has no run"
+    for d in runs:
+        assert all((d / f).is_file() for f in ("config.yaml", "metrics.jsonl", "checkpoints/best/best.json",
+                                               f"checkpoints/best/{MVDreamPolicy.LORA_FILE}")), d
+
+
+@pytest.mark.parametrize("config, run_dir, best_dir", shipped_rl_results())
+def test_shipped_rl_best_is_what_the_best_rule_picks_from_the_runs_logged_validations(config, run_dir, best_dir):
+    # The run's own config (loadable by train.py) fed to support/checkpoint.py's rule, replayed over the validations
+    # the run logged, chooses best.json's epoch, and chose so at every validation (each row's logged best_epoch).
+    cfg = train.load_config(str(config))
+    assert cfg.policy == str(SFT_BASE.relative_to(ROOT)) and cfg.lgm == str(LGM_FILE.relative_to(ROOT))
+    rows = read_metrics(run_dir)
+    best = json.loads((best_dir / "best.json").read_text())
+    validations = [r for r in rows if "val_mrc" in r]
+    assert validations[0]["epoch"] == 0 and best["epoch"] <= rows[-1]["epoch"]
+    counters = {}
+    rule = checkpoint.BestCheckpoint(cfg, counters)
+    for row in validations:
+        logged = {k: v for k, v in row.items() if k.startswith("val_") and not k.endswith("_0")}  # not the counters
+        rule.consider(row["epoch"], logged, policy=None, rank=1)   # a rank other than 0 chooses but writes no file
+        assert counters["best_epoch"] == row["best_epoch"], f"epoch {row['epoch']}"
+    assert counters["best_epoch"] == best["epoch"]
+    chosen = next(r for r in validations if r["epoch"] == best["epoch"])
+    for key in ("val_mrc", "val_kl", "val_fidelity", "val_diversity"):
+        assert best["metrics"].get(key) == pytest.approx(chosen.get(key)), key
+    # the rule's conditions held at the chosen validation (what the replay relied on)
+    assert best["metrics"]["val_fidelity"] >= validations[0]["val_fidelity"] - cfg.best_max_fidelity_drop
+    if cfg.best_min_diversity > 0:
+        assert best["metrics"]["val_diversity"] >= cfg.best_min_diversity * validations[0]["val_diversity"]
+
+
+@pytest.mark.parametrize("config, run_dir, best_dir", shipped_rl_results())
+def test_shipped_rl_lora_loads_onto_sft_base_and_changes_its_samples(config, run_dir, best_dir):
+    cfg = train.load_config(str(config))
     policy = MVDreamPolicy.from_pretrained(str(SFT_BASE))
-    policy.load_lora(folder / MVDreamPolicy.LORA_FILE)               # strict: every key placed, none missing
-    on_disk = load_file(folder / MVDreamPolicy.LORA_FILE)
+    policy.load_lora(best_dir / MVDreamPolicy.LORA_FILE)               # strict: every key placed, none missing
+    assert (policy.lora_config.r, policy.lora_config.lora_alpha) == (cfg.lora_rank, cfg.lora_alpha)
+    on_disk = load_file(best_dir / MVDreamPolicy.LORA_FILE)
     assert len(on_disk) == len(policy.lora_state_dict()) and any(v.abs().max() > 0 for v in on_disk.values())
-    best = json.loads((folder / "best.json").read_text())
-    assert best["epoch"] == best_epoch and best["metrics"]["val_fidelity"] >= fidelity_0 - 0.05
-    config = yaml.safe_load((folder / "train_config.yaml").read_text())
-    assert config["policy"] == str(SFT_BASE.relative_to(ROOT)) and config["lgm"] == str(LGM_FILE.relative_to(ROOT))
-    if config.get("best_min_diversity", 0) > 0:  # the rule's diversity condition held at the chosen validation
-        start = json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])
-        assert start["epoch"] == 0 and start["best_epoch"] == 0
-        assert best["metrics"]["val_diversity"] >= config["best_min_diversity"] * start["val_diversity"]
     traj = sample_trajectories(policy, ["a red cube"], num_steps=3, guidance_scale=5.0, generator=gen(0))
     with policy.disable_adapters():
         base = sample_trajectories(policy, ["a red cube"], num_steps=3, guidance_scale=5.0, generator=gen(0))
     assert not torch.equal(traj["views"], base["views"])
+
+
+def test_rl_gpu_is_one_gpu_runs_best_with_that_runs_records():
+    # checkpoints/toy/rl-gpu is a copy of one GPU run's best/ (README: kl-1's), with the run's metrics and config
+    lora = (CKPT / "rl-gpu" / MVDreamPolicy.LORA_FILE).read_bytes()
+    runs = [d for d in sorted(GPU_RUNS.iterdir()) if d.is_dir() and
+            (d / "checkpoints" / "best" / MVDreamPolicy.LORA_FILE).read_bytes() == lora]
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert (CKPT / "rl-gpu" / "best.json").read_text() == (run / "checkpoints" / "best" / "best.json").read_text()
+    assert (CKPT / "rl-gpu" / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
+    config = lambda p: {k: v for k, v in yaml.safe_load(p.read_text()).items() if k != "run_dir"}  # noqa: E731
+    assert config(CKPT / "rl-gpu" / "train_config.yaml") == config(run / "config.yaml")
 
 
 def test_shipped_lgm_loads_strictly_and_reconstructs_4096_gaussians(shipped_lgm):
@@ -207,7 +262,8 @@ def test_lgm_v2_loads_strictly_and_records_its_parent():
     on_disk = load_file(LGM_FILE)
     assert lgm.config.name == "tiny" and set(on_disk) == set(lgm.state_dict())
     record = json.loads(LGM_FILE.with_suffix(".record.json").read_text())
-    assert record["args"]["init"] == "checkpoints/toy/lgm-tiny.safetensors" and record["step"] > 1000
+    assert record["args"]["init"] == "checkpoints/toy/lgm-tiny.safetensors" and record["args"]["model"] == "lgm"
+    assert 0 < record["step"] <= record["args"]["steps"]   # --max-minutes may stop it early: the step it saved
 
 
 def test_lgm_v2_sees_inconsistency_more_than_simplicity(shipped_lgm, alex):
@@ -240,13 +296,17 @@ def check_metrics_and_grid(out, num_prompts=2, seeds=2):
     assert 0 <= metrics["fidelity_mean"] <= 1 and metrics["size_spread"] >= 0
     assert math.isfinite(metrics["diversity"]) and metrics["diversity"] >= 0
     grid = Image.open(out / "grid.png")
-    assert grid.size == (4 * RES, num_prompts * (RES + CAPTION_PX)) and grid.mode == "RGB"
+    # one row per prompt (its first sample), each under a caption strip of at least one line
+    assert grid.mode == "RGB" and grid.width == 4 * RES and grid.height % num_prompts == 0
+    assert grid.height // num_prompts - RES >= images.caption_line_px()
     return metrics, torch.from_numpy(np.asarray(grid).copy()).permute(2, 0, 1)
 
 
-def grid_views(grid, row):
-    # (4, 3, 64, 64) uint8: the 4 views pasted in row `row` of support.images.save_grid's layout
-    top = row * (RES + CAPTION_PX) + CAPTION_PX
+def grid_views(grid, row, rows):
+    # (4, 3, 64, 64) uint8: the 4 views pasted in row `row` of support.images.save_grid's layout (rows of equal
+    # height, each a caption strip over the views)
+    height = grid.shape[1] // rows
+    top = row * height + height - RES
     return torch.stack([grid[:, top:top + RES, j * RES:(j + 1) * RES] for j in range(4)])
 
 
@@ -296,7 +356,7 @@ def test_evaluate_ground_truth_matches_an_independent_recomputation(tmp_path, sh
     # the grid shows the first sample of each prompt
     for row in range(2):
         expect = (views[2 * row] * 255).round().to(torch.uint8)
-        assert (grid_views(grid, row).int() - expect.int()).abs().max() <= 1
+        assert (grid_views(grid, row, 2).int() - expect.int()).abs().max() <= 1
 
 
 def test_evaluate_ground_truth_through_the_vae_is_what_the_policy_decodes_from_encoded_renders(tmp_path, shipped_lgm, alex):
@@ -362,7 +422,8 @@ def test_robustness_mrc_increases_with_distortion_level(tmp_path):
         assert result["monotone"][kind] is True
     table = (out / "robustness.md").read_text()
     assert all(f"| {kind} |" in table for kind in world.DISTORTIONS)
-    assert Image.open(out / "robustness.png").size == (560, 380)
+    with Image.open(out / "robustness.png") as png:
+        assert png.format == "PNG" and png.width >= 400 and png.height >= 300
 
 
 # ------------------------------------------------------------------------------- 5. evaluate's helpers
@@ -393,13 +454,38 @@ def test_diversity_is_zero_for_identical_samples_and_positive_otherwise(alex):
     assert math.isnan(evaluate.diversity(views[:, None], alex))                            # 1 sample: undefined
 
 
-def test_line_plot_writes_a_png_of_the_requested_size(tmp_path):
+def test_line_plot_draws_every_series_titled_and_labelled(tmp_path):
     path = tmp_path / "plot.png"
-    images.line_plot(str(path), [0, 1, 2], {"a": [0.1, 0.2, 0.3], "b": [0.3, 0.2, 0.25]}, "x", "y", size=(300, 200))
-    img = Image.open(path).convert("RGB")
-    assert img.size == (300, 200)
-    colours = {c for _, c in img.getcolors(300 * 200)}
-    assert (214, 39, 40) in colours and (31, 119, 180) in colours    # both series drawn in their colours
+    fig = images.line_plot(str(path), [0, 1, 2], {"a": [0.1, 0.2, 0.3], "b": [0.3, 0.2, 0.25]}, "level", "MRC",
+                           size=(500, 320), title="MRC by level")
+    assert Image.open(path).size == (500, 320) and path.stat().st_size > 5000   # a real chart, not a blank file
+    (ax,) = fig.axes
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("level", "MRC", "MRC by level")
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"a", "b"} and all(line.get_marker() == "o" for line in lines.values())
+    assert list(lines["b"].get_xdata()) == [0, 1, 2] and list(lines["b"].get_ydata()) == [0.3, 0.2, 0.25]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
+
+
+def test_line_plot_series_with_their_own_x_values(tmp_path):
+    # a dict series is drawn at its own x, sorted: one point at x = 2, not at x = 0
+    fig = images.line_plot(str(tmp_path / "plot.png"), [0, 1, 2], {"a": [0.1, 0.2, 0.3], "b": {2: 0.2, 1: 0.1}},
+                           "x", "y")
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert list(lines["b"].get_xdata()) == [1, 2] and list(lines["b"].get_ydata()) == [0.1, 0.2]
+
+
+def test_line_plot_ticks_are_distinct_and_readable_for_a_narrow_range(tmp_path):
+    # values within 0.002 of each other (a validation MRC curve): every tick label different, no offset ("+0.09")
+    # to add in one's head, integer epochs on x
+    fig = images.line_plot(str(tmp_path / "plot.png"), [0, 4, 8, 12, 16, 19],
+                           {"run": [0.0972, 0.0973, 0.0978, 0.0976, 0.0963, 0.0958]}, "epoch", "val_mrc")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    ys = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    xs = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert len(ys) >= 3 and len(set(ys)) == len(ys) and ax.yaxis.get_offset_text().get_text() == ""
+    assert all(float(x.replace("\u2212", "-")).is_integer() for x in xs)
 
 
 # ------------------------------------------------------------------------------------- 6. toy/sft.py smoke
@@ -556,25 +642,101 @@ def test_evaluate_table_rows_in_parallel_processes_equal_one_process(tmp_path):
         evaluate.main(eval_args(tmp_path / "none", "--table", *rows, "--jobs", "0"))
 
 
-def test_checkpoint_curve_averages_seeds_per_setting_and_epoch(tmp_path):
-    from support.run_log import plot_checkpoint_curve, read_checkpoint_curve
+def fake_eval_dir(root):
+    # an evaluate.py --table output with rows SETTING@EPOCH/SEED (and two rows that are not, which are not read)
     rows = {"kl@0/1": 0.11, "kl@8/1": 0.10, "kl@8/2": 0.08, "nokl@9/1": 0.07, "sft-base": 0.5, "kl-best/1": 0.5}
     for name, mrc in rows.items():
-        (tmp_path / name).mkdir(parents=True)
-        (tmp_path / name / "metrics.json").write_text(json.dumps({"mrc_mean": mrc, "diversity": 2 * mrc}))
+        (root / name).mkdir(parents=True)
+        (root / name / "metrics.json").write_text(json.dumps({"mrc_mean": mrc, "fidelity_mean": 1 - mrc,
+                                                              "diversity": 2 * mrc, "size_spread": 3 * mrc}))
+    return root
+
+
+def test_checkpoint_curve_averages_seeds_per_setting_and_epoch(tmp_path):
+    from support.run_log import checkpoint_curve_figure, plot_checkpoint_curve, read_checkpoint_curve
+    fake_eval_dir(tmp_path)
     curve = read_checkpoint_curve(str(tmp_path), "mrc_mean")   # rows not named SETTING@EPOCH/SEED are not read
     assert curve == {"kl": {0: 0.11, 8: pytest.approx(0.09)}, "nokl": {9: 0.07}}
     out = plot_checkpoint_curve(str(tmp_path), str(tmp_path / "curve.png"), keys=("mrc_mean", "diversity"))
-    assert Image.open(out).size == (2 * 420, 300)
+    assert Image.open(out).size[0] > Image.open(out).size[1] and Path(out).stat().st_size > 5000
+    fig = checkpoint_curve_figure(str(tmp_path), keys=("mrc_mean", "diversity"))
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["test mrc_mean", "test diversity"]
+    for ax, scale in zip(axes, (1, 2)):                       # one line per setting, at its own epochs
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {"kl", "nokl"} and ax.get_xlabel() == "epoch"
+        assert list(lines["kl"].get_xdata()) == [0, 8] and list(lines["nokl"].get_xdata()) == [9]
+        assert list(lines["kl"].get_ydata()) == pytest.approx([scale * 0.11, scale * 0.09])
+        assert [lines[n].get_color() for n in ("kl", "nokl")] == [axes[0].get_lines()[i].get_color() for i in (0, 1)]
+    (legend,) = fig.legends                                   # one legend for the figure
+    assert [t.get_text() for t in legend.get_texts()] == ["kl", "nokl"]
     with pytest.raises(FileNotFoundError, match="no rows named SETTING@EPOCH/SEED"):
         read_checkpoint_curve(str(tmp_path / "kl-best"), "mrc_mean")
 
 
-def test_line_plot_series_with_their_own_x_values(tmp_path):
-    # a dict series is drawn at its own x: one point at x = 2 lands at the right end of the axis, not at x = 0
-    path = tmp_path / "plot.png"
-    images.line_plot(str(path), [0, 1, 2], {"a": [0.1, 0.2, 0.3], "b": {2: 0.2}}, "x", "y", size=(300, 200))
-    img = np.asarray(Image.open(path).convert("RGB"))
-    ys, xs = np.nonzero((img == (31, 119, 180)).all(-1))
-    plot_area = xs[ys > 60]                                   # below the legend (same colour, top right, y < 50)
-    assert len(plot_area) and plot_area.min() >= 300 - 130 - 4   # the right edge of the axes (right margin 130)
+@pytest.mark.parametrize("keys", [("mrc_mean", "fidelity_mean", "diversity"),
+                                  ("mrc_mean", "fidelity_mean", "diversity", "size_spread")])
+def test_panel_titles_and_legend_fit_inside_the_figure(tmp_path, keys):
+    # "test fidelity_mean" is the longest title of the README's figures; 4 panels go on 2 rows
+    from support.run_log import checkpoint_curve_figure
+    fig = checkpoint_curve_figure(str(fake_eval_dir(tmp_path)), keys=keys)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    inside = lambda box: (box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.width  # noqa: E731
+                          and box.y1 <= fig.bbox.height)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == len(keys) and all(inside(ax.title.get_window_extent(renderer)) for ax in axes)
+    assert all(inside(ax.get_tightbbox(renderer)) for ax in axes)       # tick labels and axis labels too
+    assert inside(fig.legends[0].get_window_extent(renderer))
+    rows = {round(ax.get_position().y0, 3) for ax in axes}
+    assert len(rows) == (1 if len(keys) <= 3 else 2)
+
+
+def test_run_log_command_line_plots_an_eval_dir(tmp_path):
+    # the README's command: python -m support.run_log --eval DIR --out docs/toy_gpu_collapse.png
+    import subprocess
+    import sys
+    out = tmp_path / "collapse.png"
+    done = subprocess.run([sys.executable, "-m", "support.run_log", "--eval", str(fake_eval_dir(tmp_path / "eval")),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(out) and Image.open(out).format == "PNG"
+
+
+# ------------------------------------------------------------------------------ 7. captioned grids of views
+
+def test_caption_lines_wrap_the_prompt_at_words_and_keep_the_score_whole():
+    font = ImageFont.load_default(size=images.CAPTION_FONT_SIZE)
+    prompt = "a yellow cylinder with a purple cone on its front"
+    for caption, score in ((f"{prompt} | MRC 0.123", "| MRC 0.123"), (f"{prompt} | r -0.094", "| r -0.094")):
+        for width in (100, 160, 252, 1000):
+            lines = images.caption_lines(caption, width, font)
+            assert lines[-1].endswith(score)                                   # the score, complete, last
+            assert " ".join(lines) == f"{prompt} {score}"                      # words whole, none lost, in order
+            assert all(font.getlength(line) <= width for line in lines)        # every line fits
+            words = [line.replace(score, "").split() for line in lines]
+            assert all(w == prompt.split()[i:i + len(w)] for w, i in           # each line: consecutive whole words
+                       zip(words, np.cumsum([0] + [len(w) for w in words[:-1]])))
+        assert len(images.caption_lines(caption, 100, font)) > len(images.caption_lines(caption, 252, font))
+    assert images.caption_lines(f"{prompt} | MRC 0.1", 2000, font) == [f"{prompt} | MRC 0.1"]   # one line if it fits
+    assert images.caption_lines("a red cube", 1000, font) == ["a red cube"]                     # no score: prompt only
+    narrow = images.caption_lines("a red cube", font.getlength("cube"), font)
+    assert len(narrow) >= 2 and " ".join(narrow) == "a red cube"
+
+
+def test_save_grid_grows_its_caption_strip_with_the_caption_lines_and_keeps_the_views(tmp_path):
+    prompts = ["a red cube", "a yellow cylinder with a purple cone on its front"]
+    views = ground_truth_views(prompts, 0)                                    # (2, 4, 3, 64, 64)
+    line = images.caption_line_px()
+    heights = {}
+    for name, captions in (("short", ["a red cube | r 0.1", "a blue ball | r 0.2"]),
+                           ("long", [f"{p} | MRC 0.123" for p in prompts])):
+        path = images.save_grid(str(tmp_path / f"{name}.png"), views, captions)
+        n_lines = max(len(images.caption_lines(c, 4 * RES - 2 * images.CAPTION_PAD)) for c in captions)
+        grid = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
+        assert grid.shape[1:] == (2 * (RES + n_lines * line + 2 * images.CAPTION_PAD), 4 * RES)
+        heights[name] = (n_lines, grid.shape[1])
+        for row in range(2):                                                 # the views, pixel for pixel (8-bit)
+            expect = (views[row] * 255).round().to(torch.uint8)
+            assert torch.equal(grid_views(grid, row, 2), expect)
+    assert heights["short"][0] == 1 and heights["long"][0] >= 2 and heights["long"][1] > heights["short"][1]
