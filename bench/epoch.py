@@ -111,7 +111,7 @@ def one_mode(args, compiled):
         if args.compile_mode == "reduce-overhead":
             # CUDA graphs without Inductor's graph trees: with trees (torch 2.11) the update's backward fails with
             # "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run" (toy and paper
-            # setup alike); with one graph per compiled shape it runs (README, Benchmarks)
+            # setup alike); with one graph per compiled shape it runs (docs/BENCHMARKS.md)
             import torch._inductor.config as inductor_config
             inductor_config.triton.cudagraph_trees = False
         devices.compile_models(policy, reward_fn, mode=args.compile_mode)

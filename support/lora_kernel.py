@@ -1,4 +1,4 @@
-# LoRA on a frozen Linear in one GEMM (config fused_lora; README, Benchmarks: epoch 5% faster). peft's forward,
+# LoRA on a frozen Linear in one GEMM (config fused_lora; docs/BENCHMARKS.md: epoch 5% faster). peft's forward,
 # y = base(x) + s * B(A(x)), makes four passes over the activations besides the base GEMM's: A reads x, B writes
 # its (N, C_out) product, the add reads both and writes y. At MVDream's first level (262k tokens x 320 channels
 # per call) those passes cost more than the base GEMM itself. Here the same y is one GEMM over concatenated inputs,

@@ -98,7 +98,7 @@ def read_metrics(run_dir):
 
 
 def validation_figure(run_dirs, keys=("val_mrc", "val_fidelity", "val_kl")):
-    # One panel per key (validation epochs on x), one line per run: the README's RL curves, so that a lower MRC
+    # One panel per key (validation epochs on x), one line per run: docs/RESULTS.md's RL curves, so that a lower MRC
     # bought with fidelity or KL is visible next to it. -> matplotlib Figure
     def curves(key):
         series = {}

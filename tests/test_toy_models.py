@@ -163,7 +163,7 @@ def test_shipped_rl_lora_loads_onto_sft_base_and_changes_its_samples(config, run
 
 
 def test_rl_gpu_is_one_gpu_runs_best_with_that_runs_records():
-    # checkpoints/toy/rl-gpu is a copy of one GPU run's best/ (README: kl-1's), with the run's metrics and config
+    # checkpoints/toy/rl-gpu is a copy of one GPU run's best/ (docs/RESULTS.md: kl-1's), with the run's metrics and config
     lora = (CKPT / "rl-gpu" / MVDreamPolicy.LORA_FILE).read_bytes()
     runs = [d for d in sorted(GPU_RUNS.iterdir()) if d.is_dir() and
             (d / "checkpoints" / "best" / MVDreamPolicy.LORA_FILE).read_bytes() == lora]
@@ -573,7 +573,7 @@ def test_sft_lgm_init_continues_from_a_trained_lgm(tmp_path, shipped_lgm):
     assert all(torch.allclose(start[k], trained[k], atol=1e-4) for k in start)
     assert not all(torch.equal(start[k], trained[k]) for k in start)
     assert json.loads(out.with_suffix(".record.json").read_text())["args"]["init"] == str(LGM_FILE)
-    with pytest.raises(ValueError, match="--init applies to `python -m toy.sft lgm` only"):
+    with pytest.raises(ValueError, match="--init, --scale-range and --vae-inputs apply to `python -m toy.sft lgm` only"):
         sft.main(["mvdream", "--init", str(LGM_FILE), "--out", str(tmp_path / "x")])
 
 
@@ -677,7 +677,7 @@ def test_checkpoint_curve_averages_seeds_per_setting_and_epoch(tmp_path):
 @pytest.mark.parametrize("keys", [("mrc_mean", "fidelity_mean", "diversity"),
                                   ("mrc_mean", "fidelity_mean", "diversity", "size_spread")])
 def test_panel_titles_and_legend_fit_inside_the_figure(tmp_path, keys):
-    # "test fidelity_mean" is the longest title of the README's figures; 4 panels go on 2 rows
+    # "test fidelity_mean" is the longest title of docs/RESULTS.md's figures; 4 panels go on 2 rows
     from support.run_log import checkpoint_curve_figure
     fig = checkpoint_curve_figure(str(fake_eval_dir(tmp_path)), keys=keys)
     fig.canvas.draw()
@@ -693,7 +693,7 @@ def test_panel_titles_and_legend_fit_inside_the_figure(tmp_path, keys):
 
 
 def test_run_log_command_line_plots_an_eval_dir(tmp_path):
-    # the README's command: python -m support.run_log --eval DIR --out docs/toy_gpu_collapse.png
+    # docs/RESULTS.md's command: python -m support.run_log --eval DIR --out docs/toy_gpu_collapse.png
     import subprocess
     import sys
     out = tmp_path / "collapse.png"
