@@ -299,6 +299,12 @@ def _write_record(path, args, step, seconds, log, **extra):
 # ----------------------------------------------------------------------------------------------
 # LGM SFT
 
+def _vae_roundtrip(vae, views):
+    # (B, V, 3, H, W) in [0, 1] -> encode (posterior mean) -> decode: what a latent model's views look like
+    x = views.flatten(0, 1) * 2 - 1
+    return (vae.decode(vae.encode(x).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1).view(views.shape)
+
+
 def train_lgm(args, device):
     # --init: continue from a trained LGM (e.g. the shipped one), so that training can be split across GPU sessions
     lgm = (reconstruct.LGM.from_pretrained(args.init, config="tiny") if args.init else reconstruct.LGM("tiny"))
@@ -309,15 +315,24 @@ def train_lgm(args, device):
     g = make_generator("cpu", args.seed, "sft-lgm")
     cams_in = reconstruct.standard_cameras(-world.TOY.elevation, world.TOY.radius).to(device)
     res = world.TOY.resolution
+    vae = AutoencoderKL.from_pretrained(args.vae_inputs).to(device).eval() if args.vae_inputs else None
     print(f"tiny LGM: {sum(p.numel() for p in lgm.parameters()) / 1e6:.2f} M params, bank {args.bank} objects")
     t0, log = time.time(), []
     for step in tqdm(range(1, args.steps + 1), desc="sft lgm"):
         idx = torch.randint(args.bank, (args.batch_size,), generator=g)
-        views = bank["views"][idx.to(device)][:, list(reconstruct.MVDREAM_TO_LGM)]   # LGM input order (LGM app.py)
+        views, gaussians_gt = bank["views"][idx.to(device)], bank["gaussians"][idx.to(device)]
         extra_c2w = torch.stack([world.random_cameras(args.extra_views, g) for _ in range(args.batch_size)]).to(device)
         with torch.no_grad():
-            extra = reconstruct.render_gaussians(bank["gaussians"][idx.to(device)], extra_c2w, world.TOY.fovy, res, res)
+            if args.scale_range:  # objects of other sizes than the bank's, so that size alone costs no MRC
+                f = torch.empty(args.batch_size).uniform_(*args.scale_range, generator=g).to(device)
+                gaussians_gt = world.scale_object(gaussians_gt, f)
+                views = world.render_views(gaussians_gt)
+            views = views[:, list(reconstruct.MVDREAM_TO_LGM)]                       # LGM input order (LGM app.py)
+            extra = reconstruct.render_gaussians(gaussians_gt, extra_c2w, world.TOY.fovy, res, res)
         target = torch.cat([views, extra["image"]], 1)
+        if vae is not None:  # inputs as a latent model decodes them; the targets stay the renders
+            with torch.no_grad():
+                views = _vae_roundtrip(vae, views)
         c2w = torch.cat([cams_in.expand(args.batch_size, -1, -1, -1), extra_c2w], 1)
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step)
@@ -353,6 +368,9 @@ def main(argv=None):
     p.add_argument("--independent-fraction", type=float, default=0.5,
                    help="mvdream: fraction of examples whose 4 views come from 4 instances of the prompt")
     p.add_argument("--init", help="lgm: start from this LGM .safetensors instead of random weights")
+    p.add_argument("--scale-range", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="lgm: scale each training object in 3D by a factor drawn uniformly in [LO, HI]")
+    p.add_argument("--vae-inputs", metavar="DIR", help="lgm: pass the 4 input views through this toy VAE")
     p.add_argument("--kl-weight", type=float, default=1e-6, help="vae: KL weight (LDM's, see train_vae)")
     p.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead"],
                    help="mvdream: torch.compile the loss (GPU: fewer launches); reduce-overhead: also as CUDA graphs")
@@ -377,8 +395,10 @@ def main(argv=None):
     p.add_argument("--sample-every", type=int, default=1000, help="write a sample grid every N steps")
     p.add_argument("--log-dir", default="outputs/sft", help="where sample grids go")
     args = p.parse_args(argv)
-    if args.init and args.model != "lgm":
-        raise ValueError("--init applies to `python -m toy.sft lgm` only")
+    if (args.init or args.scale_range or args.vae_inputs) and args.model != "lgm":
+        raise ValueError("--init, --scale-range and --vae-inputs apply to `python -m toy.sft lgm` only")
+    if args.scale_range and not 0 < args.scale_range[0] <= args.scale_range[1]:
+        raise ValueError(f"--scale-range {args.scale_range}: give 0 < LO <= HI")
     if args.state and args.model != "mvdream":
         raise ValueError("--state applies to `python -m toy.sft mvdream` only")
     args.batch_size = args.batch_size or {"vae": 128, "mvdream": 512, "lgm": 32}[args.model]

@@ -351,6 +351,17 @@ def make_object(prompt: str, generator: torch.Generator) -> torch.Tensor:
     return torch.cat([g, pad]).float().contiguous()
 
 
+def scale_object(gaussians: torch.Tensor, factor) -> torch.Tensor:
+    # The same object f times larger in 3D, about the origin (its bounding-box centre): positions and Gaussian
+    # scales times f. factor: a number or one per object (B,) for gaussians (B, N, 14).
+    f = torch.as_tensor(factor, dtype=gaussians.dtype, device=gaussians.device)
+    f = f.view(-1, *([1] * (gaussians.dim() - 1))) if f.dim() else f
+    out = gaussians.clone()
+    out[..., 0:3] = gaussians[..., 0:3] * f
+    out[..., 4:7] = gaussians[..., 4:7] * f
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Rendering and training batches
 # ---------------------------------------------------------------------------------------------------------
