@@ -168,9 +168,9 @@ def _reconsider_best(cfg, state):
     if not os.path.isdir(best):
         return
     try:
-        on_disk = files.read_json(os.path.join(best, "best.json"), EXPECTED["best.json"], "")["epoch"]
-    except (files.DamagedFileError, KeyError, TypeError):
-        on_disk = None
+        on_disk = int(files.read_json(os.path.join(best, "best.json"), EXPECTED["best.json"], "")["epoch"])
+    except (files.DamagedFileError, KeyError, TypeError, ValueError):
+        on_disk = None  # unreadable: no telling which epoch it holds, so it goes aside too
     if on_disk is not None and on_disk <= state["epoch"]:
         return
     aside = os.path.join(root, f"best.stale_epoch_{on_disk:04d}" if on_disk is not None else "best.stale")
@@ -179,8 +179,7 @@ def _reconsider_best(cfg, state):
     epoch = state["counters"].get("best_epoch", -1)
     source = os.path.join(root, f"epoch_{epoch:04d}")
     try:
-        files.check_manifest(source, "", names={weights.LORA_FILE})
-        weights.read_lora(source)
+        weights.read_lora(source)  # (checks the LoRA against the checkpoint's manifest)
     except (files.DamagedFileError, FileNotFoundError):
         return print(f"resume: moved best/ (epoch {on_disk}, after the resumed epoch {state['epoch']}) to {aside}; "
                      f"the best epoch so far, {epoch}, has no intact checkpoint, so best/ is written again at the "

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from test_train import TOY_YAML, assert_same, ckpt, load_ckpt, overrides, read_metrics, run_train
 
@@ -226,6 +228,20 @@ def test_damaged_newest_checkpoint_resumes_from_the_one_before_and_matches_unint
     assert json.loads((dir_b / "checkpoints" / "best.stale_epoch_0002" / "best.json").read_text())["epoch"] == 2
 
 
+def test_best_from_a_redone_epoch_without_a_checkpoint_to_restore_is_re_decided(run_b, tmp_path, capsys):
+    # The resumed counters hold epoch 0 as the best, but epoch_0000 is gone: best/ (epoch 2) goes aside and the
+    # rule writes best/ again when the redone epoch 2's validation beats epoch 0's val MRC.
+    run_dir = copy_run(run_b, tmp_path)
+    shutil.rmtree(ckpt(run_dir, 0))
+    cut(Path(ckpt(run_dir, 2), "optimizer.pt"))
+    capsys.readouterr()
+    run_train(run_dir, num_epochs=3)
+    assert "the best epoch so far, 0, has no intact checkpoint" in capsys.readouterr().out
+    assert json.loads((run_dir / "checkpoints" / "best" / "best.json").read_text())["epoch"] == 2
+    assert_same(load_file(run_dir / "checkpoints" / "best" / LORA), load_file(run_b / "checkpoints" / "best" / LORA))
+    assert os.path.isdir(run_dir / "checkpoints" / "best.stale_epoch_0002")
+
+
 def test_no_intact_checkpoint_stops_listing_each(run_b, tmp_path):
     run_dir = copy_run(run_b, tmp_path)
     cut(Path(ckpt(run_dir, 2), LORA))
@@ -252,3 +268,34 @@ def test_explicit_damaged_resume_path_stops_without_falling_back(run_b, tmp_path
     named(e, f"{ckpt(run_dir, 1)}/rng_states.pt", "per-rank RNG states", "set resume: to another")
     cfg = train.load_config(TOY_YAML, overrides(run_dir, resume=ckpt(run_dir, 2)))
     assert checkpoint.choose_checkpoint(cfg, 0)[0] == ckpt(run_dir, 2)  # an intact explicit path still loads
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Every rank takes the same decision, or all stop together (none is left waiting in a collective).
+
+def _choose_on_rank(rank, world, init_file, cases, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = []
+        for run_dirs in cases:
+            try:
+                results.append(checkpoint.choose_checkpoint(train.load_config(TOY_YAML, overrides(run_dirs[rank])),
+                                                            rank)[0])
+            except RuntimeError as e:
+                results.append(str(e))
+        dist.barrier()
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_resume_from_the_same_checkpoint_or_all_stop(run_b, tmp_path):
+    damaged, intact = copy_run(run_b, tmp_path), shutil.copytree(run_b, tmp_path / "intact")
+    cut(Path(ckpt(damaged, 2), "optimizer.pt"))
+    cases = [(str(damaged), str(damaged)), (str(damaged), str(intact))]  # the second: ranks see different files
+    mp.spawn(_choose_on_rank, args=(2, str(tmp_path / "init"), cases, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0[0] == r1[0] == ckpt(damaged, 1)
+    assert "the ranks found different checkpoints intact" in r0[1]
+    assert r0[1].split("; every")[0] == r1[1].split("; every")[0]  # (each names its own run_dir after that)
