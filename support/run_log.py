@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
+from support import files
 from support.images import draw_lines, new_figure, save_grid
 
 
@@ -126,8 +127,8 @@ def read_checkpoint_curve(eval_dir, key):
             continue
         values = []
         for seed in sorted(os.listdir(os.path.join(eval_dir, name))):
-            with open(os.path.join(eval_dir, name, seed, "metrics.json")) as f:
-                values.append(json.load(f)[key])
+            values.append(files.read_json(os.path.join(eval_dir, name, seed, "metrics.json"), "evaluate.py's metrics "
+                                          "(JSON)", "run that evaluate.py row again")[key])
         curves.setdefault(setting, {})[int(epoch)] = float(np.mean(values))
     if not curves:
         raise FileNotFoundError(f"{eval_dir}: no rows named SETTING@EPOCH/SEED (evaluate.py --table kl@8/1=...)")

@@ -53,6 +53,8 @@ from mvdream import TINY_VAE_CONFIG, MVDreamPolicy
 from reward import load_lpips
 from sample import alphas_cumprod_on, sample_trajectories
 from support.devices import autocast
+from support.files import read_or_explain
+from support.mvdream_weights import read_vae
 from support.images import save_grid
 from support.seeding import make_generator
 from toy import world
@@ -151,7 +153,7 @@ def _vae_quality(vae, images, device):
 
 def train_mvdream(args, device):
     policy = MVDreamPolicy.tiny(world.VOCAB, elevation=world.TOY.elevation, seed=args.seed,
-                                vae=AutoencoderKL.from_pretrained(args.vae)).to(device)
+                                vae=read_vae(args.vae)).to(device)
     policy.unet.requires_grad_(True)
     policy.text_encoder.requires_grad_(True)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -215,7 +217,9 @@ def _load_state(args, policy, ema, opt, g, latents):
         if args.state:
             print(f"no training state at {args.state}: starting a new run (saved there when this call stops)")
         return 0, 0.0, []
-    state = torch.load(args.state, map_location="cpu", weights_only=False)
+    with read_or_explain(args.state, "the training state of a toy/sft.py run (a torch checkpoint)",
+                         "delete it to start the run over, or pass another --state"):
+        state = torch.load(args.state, map_location="cpu", weights_only=False)
     changed = [f"{k} (saved {state['args'][k]!r}, now {getattr(args, k)!r})" for k in SAME_FOR_RESUME
                if state["args"][k] != getattr(args, k)]
     if changed:
