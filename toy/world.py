@@ -362,11 +362,22 @@ def render_views(gaussians: torch.Tensor, elevation: float = TOY.elevation,
     return reconstruct.render_gaussians(gaussians, cams, TOY.fovy, resolution, resolution)["image"]
 
 
+def scale_object(gaussians: torch.Tensor, f: float) -> torch.Tensor:
+    """(..., N, 14) Gaussians -> the same object f times larger about the origin (make_object centres objects
+    there): positions and Gaussian scales times f; opacity, rotation and colour kept. The same object drawn at
+    another size: what the robustness experiment and evaluate.py's size reference feed the reward."""
+    out = gaussians.clone()
+    out[..., 0:3] *= f
+    out[..., 4:7] *= f
+    return out
+
+
 def ground_truth_views(prompts: list[str], num_samples: int, seed: int, elevation: float = TOY.elevation,
-                       device="cpu") -> torch.Tensor:
+                       device="cpu", scale: float = 1.0) -> torch.Tensor:
     # The toy world's "ground-truth model" for evaluate.py and view3d.py: (P, S, 4, 3, H, W) renders, object s of
-    # prompt i drawn from generator (seed, "object", i, s) on the CPU (the same objects on any device)
-    objs = torch.stack([make_object(p, make_generator("cpu", seed, "object", i, s))
+    # prompt i drawn from generator (seed, "object", i, s) on the CPU (the same objects on any device); scale != 1:
+    # the same objects scaled in 3D (scale_object)
+    objs = torch.stack([scale_object(make_object(p, make_generator("cpu", seed, "object", i, s)), scale)
                         for i, p in enumerate(prompts) for s in range(num_samples)]).to(device)
     views = torch.cat([render_views(objs[i:i + 64], elevation) for i in range(0, len(objs), 64)])  # bounded memory
     return views.view(len(prompts), num_samples, *views.shape[1:])
