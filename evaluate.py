@@ -231,6 +231,8 @@ def table(args, device):
     # table.md, table.json and NAME/metrics.json. SOURCE: ground-truth, ground-truth+VAE_DIR, CHECKPOINT or
     # CHECKPOINT+LORA. Rows named GROUP/RUN (e.g. kl/1 kl/2 kl/3: one training setting, three seeds) also get a
     # line GROUP: mean ± std over runs.
+    if args.jobs > 1 and device.type != "cpu":
+        raise ValueError(f"--jobs {args.jobs}: parallel rows are for the CPU (device {device}); use --jobs 1")
     todo = {}
     for row_arg in args.table:
         name, sep, source = row_arg.partition("=")
@@ -332,8 +334,6 @@ def _run_rows(rows, device, jobs):
     # threads, so N rows on fewer threads each finish sooner than one row after the other on all of them.
     if jobs <= 1:
         return [evaluate(row, device) for row in rows]
-    if device.type != "cpu":
-        raise ValueError(f"--jobs {jobs}: parallel rows are for the CPU (device {device}); use --jobs 1")
     # Longest first: sampled rows cost more than ground-truth rows, which then fill the last gap.
     order = sorted(range(len(rows)), key=lambda i: rows[i].ground_truth)
     threads = max(1, torch.get_num_threads() // jobs)

@@ -28,7 +28,8 @@ PROMPTS = ["a red cube with a blue ball on its left", "a green cone"]
 
 
 def objects(prompts, seed=0):
-    return torch.stack([world.make_object(p, make_generator("cpu", seed, "object", i, 0)) for i, p in enumerate(prompts)])
+    return torch.stack([world.make_object(p, make_generator("cpu", seed, "object", i, 0))
+                        for i, p in enumerate(prompts)])
 
 
 # ------------------------------------------------------------------------------------------ scale_object
