@@ -40,7 +40,7 @@ from support.prompts import epoch_prompts
 from support.run_log import Logger
 from support.seeding import make_generator
 from toy import world
-from toy.fidelity import fidelity
+from toy.fidelity import fidelity_and_size
 from toy.prompts import load_prompts
 
 
@@ -108,6 +108,7 @@ class Config:  # one flat config, one comment per field; YAML keys have the same
     # best/ = lowest val MRC among validations that pass these (support/checkpoint.py BestCheckpoint):
     best_max_val_kl: float = 0.0          # val KL at most this (0 = no limit; Carve3D stops at a safe KL by hand)
     best_max_fidelity_drop: float = 0.05  # toy: val fidelity within this of epoch 0's (an MRC bought by the prompt)
+    best_max_size_drift: float = 0.05     # toy: val size bias within this of epoch 0's or nearer 0 (MRC bought by size)
     best_min_diversity: float = 0.0       # val diversity at least this fraction of epoch 0's (0 = off)
 
 
@@ -162,7 +163,7 @@ def rollout(cfg, policy, reward_fn, prompts, micro, generators, autocast, with_r
 
 
 def validate(cfg, policy, reward_fn, val_prompts, plan, rank, world, autocast, logger, epoch):
-    """MRC, KL, toy fidelity (and diversity: num_val_samples >= 2) on fixed prompts and noise (Carve3D's val)."""
+    """MRC, KL, toy fidelity, size bias (diversity: num_val_samples >= 2) on fixed prompts and noise (Carve3D's val)."""
     mine, S = list(range(rank, len(val_prompts), world)), cfg.num_val_samples
     prompts, out = [val_prompts[i] for i in mine for _ in range(S)], {}
     if mine:  # sample 0 of prompt i draws the noise it drew when validation had one sample per prompt
@@ -176,7 +177,8 @@ def validate(cfg, policy, reward_fn, val_prompts, plan, rank, world, autocast, l
     if cfg.kl_log:
         gathered["val_kl"] = kl_estimate(out["log_probs"], out["ref_log_probs"]) if out else torch.zeros(0)
     if cfg.world == "toy":
-        gathered["val_fidelity"] = fidelity(out["views"].cpu(), prompts) if out else torch.zeros(0)
+        fid, _, bias = fidelity_and_size(out["views"].cpu(), prompts) if out else (torch.zeros(0),) * 3
+        gathered.update(val_fidelity=fid, val_size_bias=bias)
     return {k: torch.cat(devices.gather_list([v.float().cpu()])).mean().item() for k, v in gathered.items()}
 
 

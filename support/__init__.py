@@ -11,6 +11,7 @@
   seeding.py          every generator derived from (seed, purpose, epoch, rank)
   prompts.py          prompt files and each rank's prompts per epoch
   diversity.py        per-prompt LPIPS diversity of samples (validation and evaluate.py)
+  stats.py            paired bootstrap over prompts, percentile intervals, linear interpolation (evaluate.py)
   checkpoint.py       atomic checkpoints, exact resume (past damaged checkpoints), best/
   files.py            damaged or missing files as one named error; checkpoint manifests (sizes, sha256)
   run_log.py          metrics.jsonl, TensorBoard, image grids, curves of runs

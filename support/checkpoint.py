@@ -222,11 +222,13 @@ class BestCheckpoint:
 
     Rule: the lowest val MRC among the validations (epoch 0 = the starting policy included) whose val KL is at
     most best_max_val_kl (if > 0; Carve3D stops training at an empirically safe KL), in the toy world whose
-    val fidelity is within best_max_fidelity_drop of epoch 0's, and (if best_min_diversity > 0, with
+    val fidelity is within best_max_fidelity_drop of epoch 0's and whose val size bias is within
+    best_max_size_drift of epoch 0's or no farther from 0 than epoch 0's, and (if best_min_diversity > 0, with
     num_val_samples >= 2) whose val diversity is at least best_min_diversity times epoch 0's: a lower MRC bought
-    by losing the prompt (reward hacking: every prompt collapsing to one blob reconstructs well) or by drawing
-    every sample of a prompt alike never counts as better. The state lives in the run's counters, so a resumed
-    run keeps choosing exactly as an uninterrupted one."""
+    by losing the prompt (reward hacking: every prompt collapsing to one blob reconstructs well), by drawing
+    objects at another size than the data's (the toy's MRC changes with the size of a consistent object) or by
+    drawing every sample of a prompt alike never counts as better. The state lives in the run's counters, so a
+    resumed run keeps choosing exactly as an uninterrupted one."""
     RULE = __doc__.split("\n\n")[1]  # what best.json says about its choice
 
     def __init__(self, cfg, counters):
@@ -235,10 +237,14 @@ class BestCheckpoint:
         counters.setdefault("best_val_mrc", float("inf"))
 
     def qualifies(self, epoch, metrics):
-        for key in ("val_fidelity", "val_diversity"):
+        for key in ("val_fidelity", "val_diversity", "val_size_bias"):
             if epoch == 0 and key in metrics:
                 self.counters[f"{key}_0"] = metrics[key]
         if self.cfg.best_max_val_kl > 0 and metrics.get("val_kl", 0.0) > self.cfg.best_max_val_kl:
+            return False
+        bias_0 = self.counters.get("val_size_bias_0")   # absent in runs from before the size bias was logged
+        if "val_size_bias" in metrics and bias_0 is not None and abs(metrics["val_size_bias"]) > abs(bias_0) and \
+                abs(metrics["val_size_bias"] - bias_0) > self.cfg.best_max_size_drift:
             return False
         diversity_0 = self.counters.get("val_diversity_0")
         if self.cfg.best_min_diversity > 0 and diversity_0 is not None and \

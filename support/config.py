@@ -16,7 +16,7 @@ CHOICES = {"mixed_precision": ("bf16", "no"), "nonfinite": ("skip", "stop"), "wo
 POSITIVE = ("num_epochs", "save_every", "val_every", "num_steps", "samples_per_epoch", "micro_batch_size",
             "updates_per_epoch", "num_inner_epochs", "lora_rank", "num_val_samples")
 NON_NEGATIVE = ("stat_buffer_size", "stat_min_count", "num_train_prompts", "num_val_prompts", "best_max_val_kl",
-                "kl_mean_coeff", "kl_target", "best_min_diversity")
+                "kl_mean_coeff", "kl_target", "best_min_diversity", "best_max_size_drift")
 # Per-GPU batch keys of earlier versions: the config now states totals (support/batch_plan.py).
 REPLACED = {k: "samples_per_epoch (total over all GPUs), updates_per_epoch and micro_batch_size (per GPU)"
             for k in ("sample_batch_size", "num_batches_per_epoch", "train_batch_size", "gradient_accumulation_steps")}

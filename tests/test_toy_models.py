@@ -409,17 +409,21 @@ ROBUSTNESS_OBJECTS = 16
 
 def test_robustness_mrc_increases_with_distortion_level(tmp_path):
     out = tmp_path / "robustness"
+    # raw renders only, scale rows at 1.0 only: the distortion rows (tests/test_size.py runs the rest)
     evaluate.main(["--robustness", "--levels", "3", "--num-prompts", str(ROBUSTNESS_OBJECTS), "--seed", "0",
-                   "--device", "cpu", "--lgm", str(LGM_FILE), "--out", str(out)])
+                   "--device", "cpu", "--lgm", str(LGM_FILE), "--out", str(out), "--through-vae", "none",
+                   "--scales", "1.0"])
     result = json.loads((out / "robustness.json").read_text())
-    assert result["levels"] == [0, 1, 2, 3] and result["num_objects"] == ROBUSTNESS_OBJECTS
-    assert set(result["mrc"]) == set(world.DISTORTIONS)
-    print("robustness", json.dumps(result["mrc"]))
-    level0 = {v[0] for v in result["mrc"].values()}
+    assert result["levels"] == [0, 1, 2, 3] and result["num_objects"] == ROBUSTNESS_OBJECTS and "vae" not in result
+    mrc = result["raw"]["mrc"]
+    assert set(mrc) == {*world.DISTORTIONS, evaluate.CONSISTENT, evaluate.ONE_VIEW}
+    print("robustness", json.dumps(mrc))
+    level0 = {v[0] for v in mrc.values()}
     assert len(level0) == 1 and 0 < level0.pop() < GT_MRC_MEAN_MAX   # level 0 = the same undistorted views
-    for kind, row in result["mrc"].items():
+    for kind in world.DISTORTIONS:
+        row = mrc[kind]
         assert all(b > a for a, b in zip(row, row[1:])), f"{kind}: MRC not increasing with level: {row}"
-        assert result["monotone"][kind] is True
+        assert result["raw"]["monotone"][kind] is True
     table = (out / "robustness.md").read_text()
     assert all(f"| {kind} |" in table for kind in world.DISTORTIONS)
     with Image.open(out / "robustness.png") as png:

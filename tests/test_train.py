@@ -579,7 +579,7 @@ def test_validation_scores_the_policy_after_the_epochs_update(run_a):
                               torch.device("cpu"), False), logger, 0)
     assert val()["val_mrc"] == m[0]["val_mrc"] and m[0]["val_kl"] == 0.0
     policy.load_lora(ckpt(dir_a, 3))  # the LoRA after epoch 3's update
-    assert val() == {k: m[3][k] for k in ("val_mrc", "val_kl", "val_fidelity")}
+    assert val() == {k: m[3][k] for k in ("val_mrc", "val_kl", "val_fidelity", "val_size_bias")}
     assert m[3]["val_mrc"] != m[0]["val_mrc"]
 
 

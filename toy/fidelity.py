@@ -344,17 +344,38 @@ def size_spread(views: torch.Tensor, prompts: list[str], elevation: float = worl
     return _size_spread(views, *_observe(views, prompts, elevation))
 
 
+def _log_size_ratio(obs, exp):
+    # (B, 4): log(main object's area / ground truth's mean area at that view); an absent object counts as 4 px
+    return (obs["main_area"].clamp(min=4.0) / exp["main_area"]).log()
+
+
 def _size_spread(views, parsed, exp, obs, part_idx):
-    return (obs["main_area"].clamp(min=4.0) / exp["main_area"]).log().std(1).to(views.device)
+    return _log_size_ratio(obs, exp).std(1).to(views.device)
 
 
-def fidelity_and_size_spread(views: torch.Tensor, prompts: list[str], elevation: float = world.TOY.elevation):
-    """fidelity(views, ...) and size_spread(views, ...) from one measurement of the views (evaluate.py)."""
+def size_bias(views: torch.Tensor, prompts: list[str], elevation: float = world.TOY.elevation):
+    """How much larger than ground truth the main object is drawn: per sample, the mean over its 4 views of the
+    log area ratio that size_spread takes the std of -> (B,). 0 = ground truth's size; an object f times larger
+    in 3D covers ~f^2 the area, so ~2 log f. The toy's MRC changes with the size a consistent object is drawn at,
+    so evaluate.py compares a model's MRC with ground truth's drawn at the model's size."""
     _check_inputs(views, prompts, elevation)
     if views.shape[0] == 0:
-        return views.new_zeros(0), views.new_zeros(0)
+        return views.new_zeros(0)
+    return _size_bias(views, *_observe(views, prompts, elevation))
+
+
+def _size_bias(views, parsed, exp, obs, part_idx):
+    return _log_size_ratio(obs, exp).mean(1).to(views.device)
+
+
+def fidelity_and_size(views: torch.Tensor, prompts: list[str], elevation: float = world.TOY.elevation):
+    """fidelity, size_spread and size_bias of the views, from one measurement (evaluate.py, train.py's validation)
+    -> three (B,) tensors."""
+    _check_inputs(views, prompts, elevation)
+    if views.shape[0] == 0:
+        return views.new_zeros(0), views.new_zeros(0), views.new_zeros(0)
     observed = _observe(views, prompts, elevation)
-    return _fidelity(views, *observed), _size_spread(views, *observed)
+    return _fidelity(views, *observed), _size_spread(views, *observed), _size_bias(views, *observed)
 
 
 # ---------------------------------------------------------------------------------------------------------

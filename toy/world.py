@@ -352,8 +352,10 @@ def make_object(prompt: str, generator: torch.Generator) -> torch.Tensor:
 
 
 def scale_object(gaussians: torch.Tensor, factor) -> torch.Tensor:
-    # The same object f times larger in 3D, about the origin (its bounding-box centre): positions and Gaussian
-    # scales times f. factor: a number or one per object (B,) for gaussians (B, N, 14).
+    # The same object f times larger about the origin (make_object centres objects there): positions and Gaussian
+    # scales times f; opacity, rotation and colour kept. What the robustness experiment, evaluate.py's size
+    # reference and the LGM's scale augmentation (toy/sft.py) feed the reward. factor: a number, or one per
+    # object (B,) for gaussians (B, N, 14).
     f = torch.as_tensor(factor, dtype=gaussians.dtype, device=gaussians.device)
     f = f.view(-1, *([1] * (gaussians.dim() - 1))) if f.dim() else f
     out = gaussians.clone()
@@ -374,10 +376,11 @@ def render_views(gaussians: torch.Tensor, elevation: float = TOY.elevation,
 
 
 def ground_truth_views(prompts: list[str], num_samples: int, seed: int, elevation: float = TOY.elevation,
-                       device="cpu") -> torch.Tensor:
+                       device="cpu", scale: float = 1.0) -> torch.Tensor:
     # The toy world's "ground-truth model" for evaluate.py and view3d.py: (P, S, 4, 3, H, W) renders, object s of
-    # prompt i drawn from generator (seed, "object", i, s) on the CPU (the same objects on any device)
-    objs = torch.stack([make_object(p, make_generator("cpu", seed, "object", i, s))
+    # prompt i drawn from generator (seed, "object", i, s) on the CPU (the same objects on any device); scale != 1:
+    # the same objects scaled in 3D (scale_object)
+    objs = torch.stack([scale_object(make_object(p, make_generator("cpu", seed, "object", i, s)), scale)
                         for i, p in enumerate(prompts) for s in range(num_samples)]).to(device)
     views = torch.cat([render_views(objs[i:i + 64], elevation) for i in range(0, len(objs), 64)])  # bounded memory
     return views.view(len(prompts), num_samples, *views.shape[1:])
