@@ -115,7 +115,8 @@ def vae_roundtrip(views, vae, device, chunk=64):
 def build_reward(args, device):
     lgm = LGM.from_pretrained(args.lgm, config=args.lgm_config).to(device).eval().requires_grad_(False)
     lpips_model = load_lpips("alex").to(device)
-    return MRCReward(lgm, lpips_model, elevation=args.elevation, lpips_size=args.lpips_size or None), lpips_model
+    return MRCReward(lgm, lpips_model, elevation=args.elevation, lpips_size=args.lpips_size or None,
+                     fg_threshold=args.mrc_fg_threshold, object_size=args.mrc_object_size), lpips_model
 
 
 def score(views, reward_fn, batch_size, device):
@@ -201,7 +202,8 @@ def size_reference(args, prompts, reward_fn, device):
     under everything it depends on."""
     key = {"prompts": prompts, "seeds": args.seeds, "seed": args.seed, "elevation": args.elevation,
            "scales": list(args.scales), "reference_vae": args.reference_vae, "lgm": args.lgm,
-           "lgm_config": args.lgm_config, "lpips_size": args.lpips_size, "batch_size": args.batch_size}
+           "lgm_config": args.lgm_config, "lpips_size": args.lpips_size, "batch_size": args.batch_size,
+           "mrc_fg_threshold": args.mrc_fg_threshold, "mrc_object_size": args.mrc_object_size}
     path = os.path.join(args.out, "size_reference.json")
     if os.path.exists(path):
         with open(path) as f:

@@ -15,7 +15,7 @@ import torchvision
 import reconstruct
 from support.lpips_weights import load_lpips
 
-__all__ = ["load_lpips", "crop_boxes", "mrc", "MRCReward"]
+__all__ = ["load_lpips", "crop_boxes", "mrc", "zoom_to_size", "MRCReward"]
 
 # ---------------------------------------------------------------------------------------------------
 # 1. MRC between generated views and their re-renderings (rewards.py steps: box, square, pad, crop, LPIPS)
@@ -24,12 +24,12 @@ FOREGROUND_THRESHOLD = 0.95  # white background: a pixel is foreground if any ch
 BOX_PADDING = 5
 
 
-def crop_boxes(views):
+def crop_boxes(views, threshold=FOREGROUND_THRESHOLD):
     # Foreground box of each generated view, made square, padded and clamped (rewards.py
     # compute_bounding_box, make_square_bbox).
     # views (..., 3, H, W) -> (..., 4) int64 [x_min, y_min, x_max, y_max], inclusive pixel coords.
     height, width = views.shape[-2:]
-    fg = (views < FOREGROUND_THRESHOLD).any(dim=-3)
+    fg = (views < threshold).any(dim=-3)
     cols, rows = fg.any(dim=-2), fg.any(dim=-1)
     xs = torch.arange(width, device=views.device)
     ys = torch.arange(height, device=views.device)
@@ -80,7 +80,7 @@ def _check_images(name, x):
         raise ValueError(f"{name} must lie in [0, 1] (images on white), got values in [{lo}, {hi}]")
 
 
-def mrc(views, renders, lpips_model, size=None, per_view=False):
+def mrc(views, renders, lpips_model, size=None, per_view=False, threshold=FOREGROUND_THRESHOLD):
     _check_images("views", views)
     _check_images("renders", renders)
     if views.shape != renders.shape:
@@ -95,7 +95,7 @@ def mrc(views, renders, lpips_model, size=None, per_view=False):
     if size < 31 and getattr(lpips_model, "pnet_type", None) == "alex":
         raise ValueError(f"size={size}: LPIPS-AlexNet needs crops of at least 31x31 pixels")
 
-    boxes = crop_boxes(views).tolist()  # one host sync; crop sizes differ per view
+    boxes = crop_boxes(views, threshold).tolist()  # one host sync; crop sizes differ per view
     pairs = torch.stack([views, renders], dim=2).float()  # (B, V, 2, 3, H, W)
     # Per-crop loop (B*V interpolate calls): each crop has its own size, and grid_sample has no
     # antialiased bicubic, so this is the way to match Carve3D's resize exactly.
@@ -124,13 +124,41 @@ def _check_views(views):
         raise ValueError(f"views must be (B, 4, 3, H, W) in MVDream view order, got {got}")
 
 
+# ---------------------------------------------------------------------------------------------------
+# Beyond Carve3D, off by default (config mrc_object_size; toy.yaml 0.6): MRC at one object size.
+
+def zoom_to_size(views, fraction, threshold=FOREGROUND_THRESHOLD):
+    # The 4 views of a sample zoomed by ONE factor about the image centre, so that the object reaches `fraction`
+    # of the half-image (its farthest pixel from the centre, mean over the views). Toy objects sit at the cameras'
+    # look-at point, so this is the object scaled in 3D: MRC stops paying for small objects, while a view drawn at
+    # another size than the others still differs from them after the common zoom. views (B, V, 3, S, S) in [0, 1].
+    B, V, C, H, W = views.shape
+    fg = (views < threshold).any(dim=2)
+    dist = (torch.arange(W, device=views.device, dtype=views.dtype) - (W - 1) / 2).abs()
+
+    def reach(mask):  # (B, V, W) -> (B, V): farthest foreground column (or row) from the centre, in pixels
+        return torch.where(mask, dist, torch.zeros_like(dist)).amax(-1) + 0.5
+    half = torch.maximum(reach(fg.any(dim=-2)), reach(fg.any(dim=-1))).mean(1)
+    zoom = (fraction * W / 2 / half.clamp(min=1.0)).clamp(0.5, 2.0).repeat_interleave(V)
+    theta = torch.zeros(B * V, 2, 3, device=views.device, dtype=views.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / zoom
+    grid = F.affine_grid(theta, (B * V, C, H, W), align_corners=False)
+    out = F.grid_sample(views.flatten(0, 1) - 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (out + 1).view_as(views).clamp(0, 1)  # outside the image: white
+
+
 class MRCReward:
     # recenter: LGM's text-to-3D app recentres each generated view on its own before LGM (3DTopia/LGM app.py;
     # reconstruct.recenter_views). Off by default, because Carve3D's reward must see the views as generated:
     # MRC then scores the views and renders in the recentred frame, and per-view recentring forgives exactly
     # the inconsistencies in object size and placement between views that the reward is meant to penalise.
-    def __init__(self, lgm, lpips_model, elevation=0.0, lpips_size=None, recenter=False):
-        self.lgm = lgm
+    # fg_threshold: Carve3D's 0.95 finds the object's box on clean white backgrounds; the toy VAE leaves faint
+    # speckle (0.8-0.95) on the background of everything it decodes, so there every box would be the whole image and
+    # MRC would score the object's share of the image, i.e. its size (toy.yaml: 0.8).
+    # object_size > 0: all views zoomed alike to that object size first (zoom_to_size; off in Carve3D).
+    def __init__(self, lgm, lpips_model, elevation=0.0, lpips_size=None, recenter=False,
+                 fg_threshold=FOREGROUND_THRESHOLD, object_size=0.0):
+        self.lgm, self.fg_threshold, self.object_size = lgm, fg_threshold, object_size
         self.lpips_model = lpips_model.float()  # the distance is computed in fp32 (see __call__)
         self.elevation = float(elevation)  # MVDream convention: positive = camera above
         self.lpips_size = lpips_size
@@ -146,7 +174,8 @@ class MRCReward:
         # the views the reward sees, on LGM's device: as generated, or recentred per view (see above)
         _check_views(views)
         views = views.to(next(self.lgm.parameters()).device).float()
-        return reconstruct.recenter_views(views) if self.recenter else views
+        views = reconstruct.recenter_views(views) if self.recenter else views
+        return zoom_to_size(views, self.object_size, self.fg_threshold) if self.object_size else views
 
     def _lgm(self, views):
         param = next(self.lgm.parameters())
@@ -173,7 +202,7 @@ class MRCReward:
 
         # crop, resize and LPIPS in fp32, whatever autocast the caller runs under (the distance is the reward)
         with torch.autocast(views.device.type, enabled=False):
-            per_view = mrc(views, renders, self.lpips_model, size=self.lpips_size, per_view=True)
+            per_view = mrc(views, renders, self.lpips_model, self.lpips_size, True, self.fg_threshold)
         value = per_view.mean(dim=1)
         return {"reward": -value, "mrc": value, "mrc_per_view": per_view, "renders": renders}
 

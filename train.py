@@ -13,8 +13,7 @@ Launch:
     torchrun --nnodes=6 --nproc_per_node=8 --node_rank=$NODE_RANK \\
         --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500 train.py config.yaml   # 48 GPUs, as Carve3D
     python train.py config.yaml --plan 8                                   # print the batch plan for 8 GPUs
-Any config field can be overridden: python train.py toy.yaml num_epochs=3 run_dir=runs/try
-A restarted run (same run_dir, resume: auto) continues from its newest complete checkpoint.
+Any field can be overridden (python train.py toy.yaml num_epochs=3); a rerun resumes from its newest intact checkpoint.
 """
 
 import sys
@@ -53,7 +52,7 @@ class Config:  # one flat config, one comment per field; YAML keys have the same
     val_every: int = 5                    # validation after every N-th epoch's update, and of epoch 0 (Carve3D 30)
     world: str = "toy"                    # toy (tiny MVDream/LGM, 64 px) or paper (Carve3D: MVDream sd21 + LGM big)
     policy: str = "checkpoints/toy/sft-base"   # MVDream: local dir/file or hub id
-    lgm: str = "checkpoints/toy/lgm-tiny-v2.safetensors"  # LGM: local file/dir or hub id
+    lgm: str = "checkpoints/toy/lgm-tiny-v3.safetensors"  # LGM: local file/dir or hub id
     lgm_config: str = "tiny"              # LGM architecture: tiny or big (Carve3D's reward: LGM big)
     elevation: float = 15.0               # camera elevation, MVDream's convention (degrees, + = above; paper setup 0)
     train_prompts: str = "toy:train"      # toy:train, toy:test, a text file (one per line) or library.json:key
@@ -79,6 +78,7 @@ class Config:  # one flat config, one comment per field; YAML keys have the same
     lora_rank: int = 4                    # LoRA rank on to_q, to_k, to_v, to_out.0 (4)
     lora_alpha: float = 4.0               # LoRA alpha: scale alpha / rank = 1, as DDPO's unscaled LoRA
     lpips_size: int = 0                   # crops resized to this size for LPIPS (0 = the view resolution, as Carve3D)
+    mrc_fg_threshold: float = 0.95        # object box: pixels with a channel below this (0.95; toy: 0.8, reward.py)
     per_prompt_stat_tracking: bool = True # z-score rewards per prompt (else over the whole batch) (true)
     stat_buffer_size: int = 0             # per-prompt history (0 = 3 epochs of samples per prompt: Carve3D's 75)
     stat_min_count: int = 0               # fewer values: batch statistics (0 = one epoch's samples per prompt: 25)
@@ -102,6 +102,7 @@ class Config:  # one flat config, one comment per field; YAML keys have the same
     # ==== Beyond the paper: extensions, off by default (docs/DESIGN.md) ====
     fused_lora: bool = False              # each LoRA layer as one GEMM (support/lora_kernel.py): 5% faster epoch
     lgm_recenter: bool = False            # LGM app.py's per-view recentring (off: it forgives what MRC must see)
+    mrc_object_size: float = 0.0          # > 0: views zoomed alike to this object size before MRC (toy: 0.6, reward.py)
     kl_mean_coeff: float = 0.0            # weight of the exact per-step KL in the loss (kl.py)
     kl_target: float = 0.0                # > 0: adapt kl_mean_coeff each epoch toward this per-step KL (kl.py)
     num_val_samples: int = 1              # samples per val prompt, each its own fixed noise (>= 2: val diversity)
@@ -136,8 +137,8 @@ def build_models(cfg, device):
     policy.to(device, frozen).add_lora(cfg.lora_rank, cfg.lora_alpha, fused=cfg.fused_lora)
     policy.eval()  # eval throughout: no dropout, so sampling and training forwards agree
     lgm.to(device, frozen).eval().requires_grad_(False)
-    reward_fn = MRCReward(lgm, load_lpips("alex").to(device), elevation=cfg.elevation,
-                          lpips_size=cfg.lpips_size or None, recenter=cfg.lgm_recenter)
+    reward_fn = MRCReward(lgm, load_lpips("alex").to(device), cfg.elevation, cfg.lpips_size or None,
+                          cfg.lgm_recenter, cfg.mrc_fg_threshold, cfg.mrc_object_size)
     return policy, reward_fn
 
 

@@ -190,7 +190,8 @@ def main(argv=None):
     rows = [parse_row(row) for row in args.rows]  # a typo fails before any work
     t0 = time.perf_counter()
     lgm = LGM.from_pretrained(args.lgm, config=args.lgm_config).to(device).eval().requires_grad_(False)
-    reward_fn = MRCReward(lgm, load_lpips("alex").to(device), elevation=args.elevation)
+    reward_fn = MRCReward(lgm, load_lpips("alex").to(device), elevation=args.elevation,
+                          fg_threshold=args.mrc_fg_threshold, object_size=args.mrc_object_size)
     stem = os.path.splitext(args.out)[0]
     strip = []
     for k, (name, checkpoint, lora) in enumerate(rows):

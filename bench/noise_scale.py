@@ -1,6 +1,6 @@
 # bench/noise_scale.py: how many samples one Carve3D/DDPO update needs, at the policy's start.
 #
-#   python bench/noise_scale.py toy.yaml policy=checkpoints/toy/sft-long lgm=checkpoints/toy/lgm-tiny-v2.safetensors
+#   python bench/noise_scale.py toy.yaml policy=checkpoints/toy/sft-long lgm=checkpoints/toy/lgm-tiny-v3.safetensors
 #   options: --prompts P --per-prompt S (P x S samples; default 8 x 8)
 #
 # Samples P training prompts x S samples with the config's sampler (fixed per-sample noise, as train.py), scores

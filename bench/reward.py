@@ -135,7 +135,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer repeats and smaller batches")
     parser.add_argument("--lgm", default=None,
-                        help="CPU: a trained tiny LGM (checkpoints/toy/lgm-tiny-v2.safetensors) scored on toy ground-truth "
+                        help="CPU: a trained tiny LGM (checkpoints/toy/lgm-tiny-v3.safetensors) scored on toy ground-truth "
                              "views, instead of a random LGM on random scenes")
     parser.add_argument("--scale-bias", default="-2.0",
                         help="bias of the LGM head's scale channels (approximates a trained LGM); 'none' = raw head")

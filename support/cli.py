@@ -13,7 +13,11 @@ def add_sampling_args(p):
 
 
 def add_reward_args(p):
-    p.add_argument("--lgm", default="checkpoints/toy/lgm-tiny-v2.safetensors", help="LGM file/dir or hub id")
+    p.add_argument("--lgm", default="checkpoints/toy/lgm-tiny-v3.safetensors", help="LGM file/dir or hub id")
     p.add_argument("--lgm-config", default="tiny", help="LGM config (tiny or big)")
     p.add_argument("--elevation", type=float, default=15.0, help="camera elevation, MVDream convention (toy: 15)")
+    p.add_argument("--mrc-fg-threshold", type=float, default=0.8, help="MRC's object box: pixels with a channel "
+                   "below this (toy.yaml: 0.8; Carve3D and config.yaml: 0.95)")
+    p.add_argument("--mrc-object-size", type=float, default=0.6, help="views zoomed alike to this object size "
+                   "before MRC (reward.zoom_to_size; toy.yaml: 0.6; 0 = off, as Carve3D and config.yaml)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

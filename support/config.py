@@ -77,6 +77,11 @@ def check_config(cfg, path):
     if cfg.resume not in ("auto", "never") and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
         raise FileNotFoundError(f"{path}: config key 'resume' is {cfg.resume!r}, not a complete checkpoint directory "
                                 f"(no trainer_state.json); use auto, never or a run_dir/checkpoints/epoch_NNNN path")
+    if not 0 <= cfg.mrc_object_size <= 1:
+        raise ValueError(f"{path}: config key 'mrc_object_size' must be in [0, 1] (0 = off), got {cfg.mrc_object_size}")
+    if not 0 < cfg.mrc_fg_threshold <= 1:
+        raise ValueError(f"{path}: config key 'mrc_fg_threshold' must be in (0, 1] (an image intensity), "
+                         f"got {cfg.mrc_fg_threshold}")
     if not cfg.eta > 0:
         raise ValueError(f"{path}: config key 'eta' must be > 0, got {cfg.eta} (a deterministic DDIM step has no "
                          f"log-probability to train on)")

@@ -84,7 +84,7 @@ def test_damaged_saved_policy_folder_is_named(tmp_path):
 @pytest.mark.parametrize("damage", [cut, garble])
 def test_damaged_lgm_file_is_named(tmp_path, damage):
     file = tmp_path / "lgm.safetensors"
-    shutil.copy(CKPT / "lgm-tiny-v2.safetensors", file)
+    shutil.copy(CKPT / "lgm-tiny-v3.safetensors", file)
     damage(file)
     with pytest.raises(DamagedFileError) as e:
         reconstruct.LGM.from_pretrained(str(file), config="tiny")

@@ -1,7 +1,7 @@
 # Object size in the toy world (the toy's MRC changes with the size a consistent object is drawn at): scale_object,
 # fidelity.size_bias, the size-adjusted MRC and its reference curve, the tables' paired bootstrap, the robustness
 # experiment's scale rows (Carve3D Sec. 3's controlled inconsistency) and the best/ rule's size condition. Real
-# classes at the toy size on the CPU: the shipped lgm-tiny-v2 and vae-tiny.
+# classes at the toy size on the CPU: the shipped lgm-tiny-v3 and vae-tiny.
 import json
 import math
 import os
@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import evaluate
+import reward
 import train
 from reward import MRCReward, load_lpips
 from reconstruct import LGM
@@ -23,7 +24,7 @@ from toy import fidelity, world
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints" / "toy"
-LGM_FILE, VAE_DIR = CKPT / "lgm-tiny-v2.safetensors", CKPT / "vae-tiny"
+LGM_FILE, VAE_DIR = CKPT / "lgm-tiny-v3.safetensors", CKPT / "vae-tiny"
 PROMPTS = ["a red cube with a blue ball on its left", "a green cone"]
 
 
@@ -33,6 +34,62 @@ def objects(prompts, seed=0):
 
 
 # ------------------------------------------------------------------------------------------ scale_object
+
+def test_scale_object_takes_one_factor_per_object():
+    g = objects(PROMPTS)
+    both = world.scale_object(g, torch.tensor([0.5, 2.0]))
+    assert torch.equal(both[0], world.scale_object(g[:1], 0.5)[0]) and torch.equal(both[1], world.scale_object(g[1:], 2.0)[0])
+
+
+# -------------------------------------------------------------------- reward.zoom_to_size (mrc_object_size)
+
+def reach(views, threshold=0.8):
+    # (..., 3, S, S) -> farthest foreground pixel from the image centre along x or y, as zoom_to_size measures it
+    S = views.shape[-1]
+    fg = (views < threshold).any(-3)
+    d = (torch.arange(S) - (S - 1) / 2).abs()
+    r = lambda m: torch.where(m, d, torch.zeros_like(d)).amax(-1) + 0.5  # noqa: E731
+    return torch.maximum(r(fg.any(-2)), r(fg.any(-1)))
+
+
+def test_zoom_to_size_zooms_every_view_of_a_sample_by_one_factor_to_the_asked_reach():
+    views = world.render_views(objects(PROMPTS))                         # (2, 4, 3, 64, 64)
+    small = views.clone()
+    small[:, 1] = world.render_views(world.scale_object(objects(PROMPTS), 0.7))[:, 1]  # view 1 drawn smaller
+    for v in (views, small):
+        out = reward.zoom_to_size(v, 0.6, threshold=0.8)
+        before, after = reach(v), reach(out)
+        # the mean reach over the 4 views lands at 0.6 of the half-image (to a pixel of resampling) ...
+        assert (after.mean(1) - 0.6 * 32).abs().max() < 1.5
+        # ... by one factor per sample: every view's reach grows (or shrinks) alike
+        ratio = after / before
+        assert (ratio - ratio.mean(1, keepdim=True)).abs().max() < 0.1
+    # so the smaller view 1 stays smaller than the others after the zoom: the inconsistency is kept
+    out = reward.zoom_to_size(small, 0.6, threshold=0.8)
+    assert (reach(out)[:, 1] < reach(out)[:, [0, 2, 3]].min(1).values).all()
+
+
+def test_zoom_to_size_of_an_object_scaled_in_3d_is_the_object_at_the_common_size():
+    # the toy's objects sit at the cameras' look-at point: a 2D zoom about the centre is a 3D scale about it
+    g = objects(PROMPTS)
+    a = reward.zoom_to_size(world.render_views(world.scale_object(g, 0.8)), 0.6, threshold=0.8)
+    b = reward.zoom_to_size(world.render_views(world.scale_object(g, 1.2)), 0.6, threshold=0.8)
+    raw = (world.render_views(world.scale_object(g, 0.8)) - world.render_views(world.scale_object(g, 1.2))).abs()
+    assert (a - b).abs().mean() < 0.25 * raw.mean()
+
+
+def test_mrc_object_size_off_is_carve3d_mrc(shipped_reward_parts):
+    lgm, alex = shipped_reward_parts
+    views = world.render_views(objects(PROMPTS))
+    plain = MRCReward(lgm, alex, elevation=15.0)(views)["mrc"]
+    assert torch.equal(MRCReward(lgm, alex, elevation=15.0, object_size=0.0)(views)["mrc"], plain)
+    assert not torch.equal(MRCReward(lgm, alex, elevation=15.0, object_size=0.6, fg_threshold=0.8)(views)["mrc"], plain)
+
+
+@pytest.fixture(scope="module")
+def shipped_reward_parts():
+    return LGM.from_pretrained(str(LGM_FILE), config="tiny").eval().requires_grad_(False), load_lpips("alex")
+
 
 def test_scale_object_scales_positions_and_gaussian_scales_and_keeps_the_rest():
     g = objects(PROMPTS)

@@ -20,7 +20,7 @@ from support.seeding import make_generator
 from toy import world
 
 ROOT = Path(__file__).resolve().parents[1]
-SFT_BASE, LGM_FILE = ROOT / "checkpoints" / "toy" / "sft-base", ROOT / "checkpoints" / "toy" / "lgm-tiny-v2.safetensors"
+SFT_BASE, LGM_FILE = ROOT / "checkpoints" / "toy" / "sft-base", ROOT / "checkpoints" / "toy" / "lgm-tiny-v3.safetensors"
 PROMPT = "a red cube with a blue cone on its left"
 # Inria's vertex properties in file order (graphdeco-inria/gaussian-splatting scene/gaussian_model.py
 # construct_list_of_attributes, SH degree 3), written out here rather than imported from support/ply.py

@@ -21,7 +21,10 @@ device and wall time of its run):
     python -m toy.sft vae --steps 2000 --bank 8192 --out checkpoints/toy/vae-tiny
     python -m toy.sft lgm --steps 3000 --out lgm-tiny.safetensors      # the first LGM, not shipped (git: 533d5a0)
     python -m toy.sft lgm --init lgm-tiny.safetensors --lr 5e-4 --seed 1 --bank 8192 --steps 4000 --max-minutes 7.4 \
-        --out checkpoints/toy/lgm-tiny-v2.safetensors                 # the reward model: that LGM trained further
+        --out lgm-tiny-v2.safetensors                                 # that LGM trained further (git: b7624da)
+    python -m toy.sft lgm --init lgm-tiny-v2.safetensors --lr 5e-4 --seed 2 --bank 8192 --steps 1200 \
+        --max-minutes 6.3 --workers 7 --scale-range 0.7 1.3 --vae-inputs checkpoints/toy/vae-tiny \
+        --out checkpoints/toy/lgm-tiny-v3.safetensors                 # the reward model: sizes 0.7-1.3x, VAE inputs
     python -m toy.sft mvdream --bank 12288 --steps 20000 --compile reduce-overhead --state STATE --max-minutes M \
         --snapshot 3000:checkpoints/toy/sft-base --snapshot 15000:checkpoints/toy/sft-long --out outputs/sft-20000
 sft-base is the RL starting point; sft-long is the same run 5x longer (the "longer SFT" baseline, as Carve3D's
