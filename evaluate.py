@@ -58,7 +58,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
@@ -70,7 +69,7 @@ from sample import sample_fixed_noise
 from support.cli import add_reward_args, add_sampling_args
 from support.devices import autocast
 from support.diversity import diversity
-from support.images import line_plot, save_grid
+from support.images import draw_lines, new_figure, save_grid
 from support.mvdream_weights import read_vae
 from support.seeding import make_generator
 from support.stats import bootstrap_indices, interp_linear, percentile_ci
@@ -384,15 +383,8 @@ def robustness(args, device):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "robustness.json"), "w") as f:
         json.dump(result, f, indent=1)
-    lines = []
-    for setting in settings:
-        lines += _robustness_table(result, setting) + [""]
-        line_plot(os.path.join(args.out, f"robustness_{setting}.png"), list(range(max(len(levels), len(scales)))),
-                  {k: dict(enumerate(v)) for k, v in mrc[setting].items()},
-                  f"{setting}: level {levels[0]}..{levels[-1]} of view 1 | scale x{scales[0]}..x{scales[-1]}",
-                  "MRC (LPIPS)")
-    shutil.copyfile(os.path.join(args.out, f"robustness_{list(settings)[-1]}.png"),
-                    os.path.join(args.out, "robustness.png"))
+    lines = [line for setting in settings for line in _robustness_table(result, setting) + [""]]
+    _robustness_figure(os.path.join(args.out, "robustness.png"), result, settings)
     with open(os.path.join(args.out, "robustness.md"), "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
@@ -429,6 +421,23 @@ def _verdicts(rows, scales):
     return {"monotone": {k: all(b > a for a, b in zip(rows[k], rows[k][1:])) for k in world.DISTORTIONS},
             "consistent_scale_max_deviation": deviation, "consistent_scale_flat": deviation <= FLAT_TOLERANCE,
             "one_view_rises": all(min(r) > max(q) for q, r in zip(rings, rings[1:]))}
+
+
+def _robustness_figure(path, result, settings):
+    # one row of panels per setting (raw, through the VAE): the distortions of view 1 by level, and the two scale
+    # rows by factor, which a consistency metric keeps flat (consistent) and raises away from 1 (one view)
+    fig = new_figure(900, 330 * len(settings))
+    names = {"raw": "raw renders", "vae": "through the VAE"}
+    for i, setting in enumerate(settings):
+        rows = result[setting]["mrc"]
+        draw_lines(fig.add_subplot(len(settings), 2, 2 * i + 1), result["levels"],
+                   {k: rows[k] for k in world.DISTORTIONS}, "distortion level of view 1", "MRC",
+                   f"{names[setting]}: one view distorted")
+        draw_lines(fig.add_subplot(len(settings), 2, 2 * i + 2), result["scales"],
+                   {k: rows[k] for k in (CONSISTENT, ONE_VIEW)}, "object scale (in 3D)", "MRC",
+                   f"{names[setting]}: object size")
+    fig.savefig(path, dpi=100)
+    return fig
 
 
 def _robustness_table(result, setting):
