@@ -170,8 +170,8 @@ class MRCReward:
         # Slot k's camera = the camera MVDream view to_lgm[k] shows (== standard_cameras(-elevation)).
         self.cameras = reconstruct.mvdream_view_cameras(self.elevation, radius=lgm.config.cam_radius)[self.to_lgm]
 
-    def _prepare(self, views):
-        # the views the reward sees, on LGM's device: as generated, or recentred per view (see above)
+    def prepare(self, views):
+        # the views the reward sees, on LGM's device: as generated, recentred per view or zoomed alike (above)
         _check_views(views)
         views = views.to(next(self.lgm.parameters()).device).float()
         views = reconstruct.recenter_views(views) if self.recenter else views
@@ -185,11 +185,11 @@ class MRCReward:
     def reconstruct(self, views):
         # (B, 4, 3, H, W) views in MVDream order -> (B, N, 14) Gaussians in LGM's world frame: exactly what
         # __call__ renders, so a .ply or an orbit of them (view3d.py) shows the 3D object the reward scored.
-        return self._lgm(self._prepare(views))
+        return self._lgm(self.prepare(views))
 
     @torch.no_grad()
     def __call__(self, views):
-        views = self._prepare(views)
+        views = self.prepare(views)
         height, width = views.shape[-2:]
         if height != width:
             raise ValueError(f"views must be square (Carve3D's crop box assumes it), got H={height}, W={width}")

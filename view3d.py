@@ -114,7 +114,7 @@ def orbit_strip(path, rows, title=""):
     draw = ImageDraw.Draw(canvas)
     draw.text((2, 1), title, fill=(0, 0, 0))
     x_renders = 4 * tile + GAP_PX
-    for x, text in ((0, "4 generated views"), (x_renders, "LGM at the input cameras"),
+    for x, text in ((0, "the 4 views as the reward sees them"), (x_renders, "LGM at the input cameras"),
                     (x_renders + 4 * tile, f"LGM, {RAISE_DEG:g} deg higher")):
         draw.text((x + 2, 13), text, fill=(90, 90, 90))
     for r, (caption, views, frames) in enumerate(rows):
@@ -200,7 +200,7 @@ def main(argv=None):
         prefix = f"{stem}_{k}_{slug(name)}"
         frames, written = export_object(prefix, reward_fn, views, args.size)
         print(f"{name}: MRC {mrc:.3f}; {written} Gaussians -> {prefix}.ply, orbit -> {prefix}.gif")
-        strip.append((f"{name} | MRC {mrc:.3f}", views, frames))
+        strip.append((f"{name} | MRC {mrc:.3f}", reward_fn.prepare(views[None])[0].cpu(), frames))
     orbit_strip(args.out, strip, title=args.prompt)
     print(f"wrote {args.out} ({len(rows)} rows) in {time.perf_counter() - t0:.1f} s")
 

@@ -82,7 +82,7 @@ def rollout_stages(cfg, policy, reward_fn, prompts, autocast, st):
             traj = st("sampling + reference", lambda: sample_trajectories(policy, prompts[i:i + M], generator=gens,
                                                                          with_reference=True, **kw))
             st("decode", lambda: policy.decode(traj["next_latents"][:, -1]))
-        views = reward_fn._prepare(traj["views"])
+        views = reward_fn.prepare(traj["views"])
         gaussians = st("LGM", lambda: torch.no_grad()(reward_fn._lgm)(views))
         c2w = reward_fn.cameras.to(views.device)
         renders = st("render", lambda: reconstruct.render_gaussians(gaussians.float(), c2w, reward_fn.lgm.config.fovy,
