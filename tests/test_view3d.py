@@ -32,7 +32,9 @@ C0 = 0.28209479177387814
 @pytest.fixture(scope="module")
 def reward_fn():
     lgm = reconstruct.LGM.from_pretrained(str(LGM_FILE), config="tiny").requires_grad_(False)
-    return reward.MRCReward(lgm, reward.load_lpips("alex"), elevation=world.TOY.elevation)
+    # evaluate.py's and view3d.py's defaults (toy.yaml's reward): box threshold 0.8, views zoomed alike to size 0.6
+    return reward.MRCReward(lgm, reward.load_lpips("alex"), elevation=world.TOY.elevation, fg_threshold=0.8,
+                            object_size=0.6)
 
 
 def gt_object(seed=0):
@@ -258,6 +260,7 @@ def test_strip_cli_writes_png_ply_and_gif_per_row_on_identical_noise(tmp_path):
                                   )["views"][0]
     pixels = torch.from_numpy(np.asarray(strip.convert("RGB")).copy()).permute(2, 0, 1).int()
     for row, views in enumerate((gt, sampled)):
+        views = reward.zoom_to_size(views[None], 0.6, threshold=0.8)[0]  # as the reward sees them (view3d's defaults)
         top = header + row * (cap + tile) + cap
         tiles = torch.stack([pixels[:, top:top + tile, j * tile:(j + 1) * tile] for j in range(4)])
         assert (tiles - (views * 255).round().int()).abs().max() <= 1
