@@ -21,9 +21,9 @@ two checkpoints are compared on identical noise, as Carve3D compares base and fi
              (0 for one object; ~0.25 for 4 independent instances), an inconsistency that needs no LGM.
   size_bias  toy world only: fidelity.size_bias, the mean over views of log(main object's area / ground truth's):
              how much larger than ground truth the model draws (an object f times larger in 3D: ~2 log f).
-  mrc_size_adjusted  toy world only: MRC minus ground truth's MRC at the model's size. The toy's MRC changes with
-             the size a perfectly consistent object is drawn at, so a model can lower MRC by drawing smaller
-             objects. The reference (size_reference.json): the evaluated prompts' ground-truth objects, with the
+  mrc_size_adjusted  toy world only: MRC minus ground truth's MRC at the model's size. An MRC can change with
+             the size a perfectly consistent object is drawn at (Carve3D's settings on the toy did: docs/RESULTS.md),
+             so a model could lower it by drawing smaller objects. The reference (size_reference.json): the evaluated prompts' ground-truth objects, with the
              same seeds, scaled in 3D by --scales, through --reference-vae, scored by the same reward, with the
              size bias that fidelity.size_bias measures on them; MRC_gt is interpolated linearly in the linear
              scale exp(size_bias / 2), at the model's exp(size_bias / 2) (past the measured sizes along the end

@@ -7,7 +7,7 @@
 # them with the MRC reward, z-scores the rewards per prompt within this batch (Carve3D's per-prompt stat tracking
 # with the batch as its buffer), then takes for every sample alone and every timestep the gradient of train.py's
 # loss at the first, on-policy update. From those: the gradient noise scale B = tr(Sigma) / |G|^2
-# (support/gradient_noise.py; an update that averages B samples has signal-to-noise ~1) of a sample's gradient
+# (bench/gradient_noise.py; an update that averages B samples has signal-to-noise ~1) of a sample's gradient
 # over all its timesteps (timestep_fraction 1, as Carve3D trains) and over a random subset of the config's
 # timestep_fraction (as train.py trains; same |G|^2 in expectation, more noise). The samples of one prompt share
 # its z-scoring, so they are not quite independent.
