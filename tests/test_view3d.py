@@ -218,8 +218,9 @@ def test_mrc_reward_reconstruct_is_what_call_renders(reward_fn):
     rerender = reconstruct.render_gaussians(gaussians, reward_fn.cameras, 49.1, 64, 64)["image"]
     rerender = rerender[:, reward_fn.to_mvdream]                      # back to MVDream view order
     assert torch.equal(rerender, out["renders"])
-    # independent path: LGM input order and cameras from reconstruct.py's conventions
-    lgm_views = views[:, list(reconstruct.MVDREAM_TO_LGM)]
+    # independent path: the views zoomed alike as the fixture's reward does, LGM input order and cameras from
+    # reconstruct.py's conventions
+    lgm_views = reward.zoom_to_size(views, 0.6, threshold=0.8)[:, list(reconstruct.MVDREAM_TO_LGM)]
     with torch.no_grad():
         direct = reward_fn.lgm.reconstruct(lgm_views, reconstruct.standard_cameras(-world.TOY.elevation, 1.5))
     torch.testing.assert_close(gaussians, direct, rtol=0, atol=1e-5)
