@@ -226,7 +226,7 @@ class BestCheckpoint:
     best_max_size_drift of epoch 0's or no farther from 0 than epoch 0's, and (if best_min_diversity > 0, with
     num_val_samples >= 2) whose val diversity is at least best_min_diversity times epoch 0's: a lower MRC bought
     by losing the prompt (reward hacking: every prompt collapsing to one blob reconstructs well), by drawing
-    objects at another size than the data's (the toy's MRC changes with the size of a consistent object) or by
+    objects at another size than the data's (an MRC can change with the size of a consistent object) or by
     drawing every sample of a prompt alike never counts as better. The state lives in the run's counters, so a
     resumed run keeps choosing exactly as an uninterrupted one."""
     RULE = __doc__.split("\n\n")[1]  # what best.json says about its choice
