@@ -22,10 +22,11 @@ two checkpoints are compared on identical noise, as Carve3D compares base and fi
   size_bias  toy world only: fidelity.size_bias, the mean over views of log(main object's area / ground truth's):
              how much larger than ground truth the model draws (an object f times larger in 3D: ~2 log f).
   mrc_size_adjusted  toy world only: MRC minus ground truth's MRC at the model's size. An MRC can change with
-             the size a perfectly consistent object is drawn at (Carve3D's settings on the toy did: docs/RESULTS.md),
-             so a model could lower it by drawing smaller objects. The reference (size_reference.json): the evaluated prompts' ground-truth objects, with the
-             same seeds, scaled in 3D by --scales, through --reference-vae, scored by the same reward, with the
-             size bias that fidelity.size_bias measures on them; MRC_gt is interpolated linearly in the linear
+             the size a perfectly consistent object is drawn at (Carve3D's settings on the toy did:
+             docs/RESULTS.md), so a model could lower it by drawing smaller objects. The reference
+             (size_reference.json): the evaluated prompts' ground-truth objects, with the same seeds, scaled in
+             3D by --scales, through --reference-vae, scored by the same reward, with the size bias that
+             fidelity.size_bias measures on them; MRC_gt is interpolated linearly in the linear
              scale exp(size_bias / 2), at the model's exp(size_bias / 2) (past the measured sizes along the end
              segments). 0 = as consistent as ground truth drawn at that size. --no-size-adjust skips it.
   mrc_vs_spread  toy world only: within-prompt correlation of MRC and size spread (within_prompt_corr): how well
@@ -50,8 +51,8 @@ NAME each row's size-adjusted MRC minus NAME's. The reference curve is computed 
 --through-vae (default the toy VAE; none = raw only): view 1 distorted by levels 0..--levels (world.DISTORTIONS;
 MRC must rise with the level), "consistent scale" (the whole object scaled in 3D by --scales, all views alike: a
 consistency metric stays flat) and "one view's scale" (view 1's object alone scaled: MRC must rise with
-|log scale|). Writes robustness.json, robustness.md (a table per setting with the verdicts) and the plots
-robustness_raw.png, robustness_vae.png and robustness.png (the VAE one when there is one).
+|log scale|). Writes robustness.json, robustness.md (a table per setting with the verdicts) and robustness.png
+(a row of two panels per setting: the distortions by level, the scale rows by factor).
 """
 
 import argparse
@@ -102,13 +103,9 @@ def load_vae(vae_dir, device):
 
 
 @torch.no_grad()
-def vae_roundtrip(views, vae, device, chunk=64):
-    # (..., 3, H, W) in [0, 1] -> encode (posterior mean, as toy/sft.py makes its latents) -> decode -> [0, 1];
-    # vae: an AutoencoderKL or its folder
-    vae = load_vae(vae, device) if isinstance(vae, (str, os.PathLike)) else vae
-    x = views.flatten(0, -4) * 2 - 1
-    out = torch.cat([vae.decode(vae.encode(c).latent_dist.mean).sample for c in x.split(chunk)])
-    return (out / 2 + 0.5).clamp(0, 1).reshape(views.shape)
+def vae_roundtrip(views, vae, device):
+    # views through the toy VAE (world.vae_roundtrip); vae: an AutoencoderKL or its folder
+    return world.vae_roundtrip(load_vae(vae, device) if isinstance(vae, (str, os.PathLike)) else vae, views)
 
 
 def build_reward(args, device):
@@ -174,7 +171,7 @@ def evaluate(args, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Size: the toy's MRC changes with the size a perfectly consistent object is drawn at, so a model's MRC is compared
+# Size: an MRC can change with the size a perfectly consistent object is drawn at, so a model's MRC is compared
 # with ground truth's at the model's size (the module docstring's mrc_size_adjusted).
 
 def per_prompt(values, num_prompts):

@@ -306,12 +306,6 @@ def _write_record(path, args, step, seconds, log, **extra):
 # ----------------------------------------------------------------------------------------------
 # LGM SFT
 
-def _vae_roundtrip(vae, views):
-    # (B, V, 3, H, W) in [0, 1] -> encode (posterior mean) -> decode: what a latent model's views look like
-    x = views.flatten(0, 1) * 2 - 1
-    return (vae.decode(vae.encode(x).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1).view(views.shape)
-
-
 def train_lgm(args, device):
     # --init: continue from a trained LGM (e.g. the shipped one), so that training can be split across GPU sessions
     lgm = (reconstruct.LGM.from_pretrained(args.init, config="tiny") if args.init else reconstruct.LGM("tiny"))
@@ -339,7 +333,7 @@ def train_lgm(args, device):
         target = torch.cat([views, extra["image"]], 1)
         if vae is not None:  # inputs as a latent model decodes them; the targets stay the renders
             with torch.no_grad():
-                views = _vae_roundtrip(vae, views)
+                views = world.vae_roundtrip(vae, views)
         c2w = torch.cat([cams_in.expand(args.batch_size, -1, -1, -1), extra_c2w], 1)
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step)

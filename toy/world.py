@@ -386,6 +386,14 @@ def ground_truth_views(prompts: list[str], num_samples: int, seed: int, elevatio
     return views.view(len(prompts), num_samples, *views.shape[1:])
 
 
+def vae_roundtrip(vae, views: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    # (..., 3, H, W) in [0, 1] -> encode (posterior mean, as toy/sft.py makes its latents) -> decode -> [0, 1]:
+    # views as a latent model (the toy VAE, a diffusers AutoencoderKL) can draw them
+    x = views.flatten(0, -4) * 2 - 1
+    out = torch.cat([vae.decode(vae.encode(c).latent_dist.mean).sample for c in x.split(chunk)])
+    return (out / 2 + 0.5).clamp(0, 1).reshape(views.shape)
+
+
 def random_cameras(n: int, generator: torch.Generator, elevation_range=(-10.0, 40.0),
                    radius: float = TOY.radius) -> torch.Tensor:
     # extra supervision views for the tiny LGM (LGM trains on 8 views, 4 of them inputs: core/options.py num_views):
