@@ -567,6 +567,23 @@ def test_sft_lgm_smoke_writes_a_loadable_file(tmp_path):
     assert (tmp_path / "log" / "lgm_step000001.png").exists()
 
 
+def test_sft_lgm_scale_range_and_vae_inputs_change_what_it_learns_from(tmp_path):
+    # the same seed, bank and steps: each option changes the batches, so the weights come out different
+    def run(name, *extra):
+        out = tmp_path / f"{name}.safetensors"
+        sft.main(["lgm", "--steps", "2", "--bank", "4", "--batch-size", "2", "--workers", "1", "--device", "cpu",
+                  "--out", str(out), "--log-dir", str(tmp_path / "log"), "--sample-every", "100", *extra])
+        return load_file(out), json.loads(out.with_suffix(".record.json").read_text())["args"]
+    plain, _ = run("plain")
+    scaled, args = run("scaled", "--scale-range", "0.7", "1.3")
+    vae_in, vae_args = run("vae", "--vae-inputs", str(CKPT / "vae-tiny"))
+    assert args["scale_range"] == [0.7, 1.3] and vae_args["vae_inputs"] == str(CKPT / "vae-tiny")
+    again, _ = run("again")
+    assert all(torch.equal(plain[k], again[k]) for k in plain)           # deterministic: a difference is the option's
+    for other in (scaled, vae_in):
+        assert any(not torch.equal(plain[k], other[k]) for k in plain)
+
+
 def test_sft_lgm_init_continues_from_a_trained_lgm(tmp_path, shipped_lgm):
     out = tmp_path / "lgm.safetensors"
     args = ["lgm", "--steps", "1", "--bank", "4", "--batch-size", "2", "--workers", "1", "--device", "cpu",
