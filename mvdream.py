@@ -60,11 +60,12 @@ UNET_CONFIGS = {
 
 # The toy world's VAE: diffusers' AutoencoderKL (the class of SD's VAE) at toy size, trained by `python -m toy.sft vae` on
 # toy renders: 64x64x3 images <-> 4x16x16 latents (factor 4). scaling_factor is set from the trained latents'
-# std, as SD's 0.18215 was (LDM Sec. 3, Rombach et al. 2022).
+# spread, as SD's 0.18215 was (LDM Sec. 3, Rombach et al. 2022); latents_mean as _latent_normalization says.
 TINY_VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
     block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
     up_block_types=("UpDecoderBlock2D",) * 3, act_fn="silu", norm_num_groups=16, scaling_factor=1.0,
+    latents_mean=None,
 )
 
 
@@ -252,8 +253,8 @@ class MVDreamPolicy(nn.Module):
     def decode(self, latents, chunk=16):
         B, V = latents.shape[:2]
         z = latents.reshape(B * V, *self.latent_shape)
-        sf = self.vae.config.scaling_factor  # chunks bound the VAE decoder's activation memory at 256 px
-        x = torch.cat([self.vae.decode(c.to(self.vae.dtype) / sf).sample.float() for c in z.split(chunk)])
+        mean, sf = self._latent_normalization(z)  # chunks bound the VAE decoder's activation memory at 256 px
+        x = torch.cat([self.vae.decode((c / sf + mean).to(self.vae.dtype)).sample.float() for c in z.split(chunk)])
         return (x / 2 + 0.5).clamp(0, 1).reshape(B, V, 3, self.image_size, self.image_size)
 
     @torch.no_grad()
@@ -261,9 +262,24 @@ class MVDreamPolicy(nn.Module):
         # images (B, V, 3, H, W) in [0, 1] -> latents (B, V, C, h, w); VAE: posterior mean (for SFT data)
         B, V = images.shape[:2]
         x = images.reshape(B * V, *images.shape[2:]) * 2 - 1
-        sf = self.vae.config.scaling_factor
-        z = torch.cat([self.vae.encode(c.to(self.vae.dtype)).latent_dist.mean.float() * sf for c in x.split(chunk)])
+        mean, sf = self._latent_normalization(x)
+        z = torch.cat([(self.vae.encode(c.to(self.vae.dtype)).latent_dist.mean.float() - mean) * sf
+                       for c in x.split(chunk)])
         return z.reshape(B, V, *self.latent_shape)
+
+    def _latent_normalization(self, like):
+        # SD's VAE scales its latents by scaling_factor alone. The toy's VAE also sets diffusers' per-channel
+        # latents_mean: its white background's latent, so that the background is 0 in the diffusion model's
+        # space. Why: SD's schedule keeps signal at its first step (Lin et al. 2024), so a model trained on
+        # latents whose background is far from 0 reads sampling's pure noise as missing background and
+        # draws objects too large (toy/sft.py).
+        c = self.vae.config
+        if getattr(c, "latents_std", None) is not None:
+            raise ValueError("the VAE's config sets latents_std, which MVDreamPolicy does not apply: set it to null "
+                             "(scaling_factor scales the latents)")
+        mean = getattr(c, "latents_mean", None)
+        mean = 0.0 if mean is None else torch.tensor(mean, dtype=torch.float32, device=like.device).view(-1, 1, 1)
+        return mean, c.scaling_factor
 
     # --- LoRA (peft) ---------------------------------------------------------------------------------
     # Rank-r adapters on to_q/to_k/to_v/to_out.0 of every attention (self and cross). "gaussian" init:

@@ -377,6 +377,26 @@ def test_decode_encode_through_the_vae_as_ldm_does(policy):
     vae.register_to_config(scaling_factor=1.0)
 
 
+def test_latents_mean_shifts_each_channel_before_scaling(policy):
+    # the toy VAE's diffusers field latents_mean: latents = (posterior mean - latents_mean[c]) x scaling_factor
+    vae, sf, mean = policy.vae, 0.7, [0.5, -1.0, 2.0, 0.25]
+    vae.register_to_config(scaling_factor=sf, latents_mean=mean)
+    try:
+        images = torch.rand(1, 4, 3, 64, 64)
+        z = policy.encode(images)
+        with torch.no_grad():
+            raw = vae.encode(images[0] * 2 - 1).latent_dist.mean
+            for c in range(4):
+                torch.testing.assert_close(z[0, :, c], (raw[:, c] - mean[c]) * sf)
+            torch.testing.assert_close(policy.decode(z)[0], (vae.decode(raw).sample / 2 + 0.5).clamp(0, 1),
+                                       atol=1e-5, rtol=1e-5)
+        vae.register_to_config(latents_std=[1.0] * 4)
+        with pytest.raises(ValueError, match="latents_std"):
+            policy.encode(images)
+    finally:
+        vae.register_to_config(scaling_factor=1.0, latents_mean=None, latents_std=None)
+
+
 def test_frozen_base(policy):
     assert not any(p.requires_grad for p in policy.parameters())
 

@@ -23,6 +23,7 @@ from sample import sample_trajectories
 from support import checkpoint
 from support import images
 from support.run_log import read_metrics
+from support.mvdream_weights import read_vae
 from support.seeding import make_generator
 from toy import fidelity
 from toy import sft
@@ -513,6 +514,7 @@ def test_sft_mvdream_smoke_writes_loadable_snapshot_and_final_checkpoints(tmp_pa
         policy = MVDreamPolicy.from_pretrained(str(folder))
         assert policy.latent_shape == (4, 16, 16) and policy.elevation == 15.0
         assert policy.vae.config.scaling_factor == trained_vae.config.scaling_factor
+        assert policy.vae.config.latents_mean == trained_vae.config.latents_mean
         sd = policy.state_dict()
         assert set(sd) == set(init)
         vae_keys = [k for k in sd if k.startswith("vae.")]
@@ -523,6 +525,25 @@ def test_sft_mvdream_smoke_writes_loadable_snapshot_and_final_checkpoints(tmp_pa
         assert traj["views"].shape == (1, 4, 3, 64, 64) and torch.isfinite(traj["views"]).all()
     assert not all(torch.equal(loaded[2][k], loaded[3][k]) for k in loaded[2])  # snapshot != final
     assert sorted(p.name for p in log.glob("*.png")) == ["mvdream_step000002.png", "mvdream_step000003.png"]
+
+
+def test_latent_normalization_puts_the_white_background_at_zero_with_unit_mean_square(tmp_path):
+    # what `python -m toy.sft latents` writes into the shipped VAE, checked on the shipped VAE's own bank
+    vae_dir = tmp_path / "vae"
+    shutil.copytree(ROOT / "checkpoints/toy/vae-tiny", vae_dir)
+    sft.main(["latents", "--vae", str(vae_dir), "--bank", "16", "--workers", "1", "--device", "cpu"])
+    shipped = json.loads((ROOT / "checkpoints/toy/vae-tiny/config.json").read_text())
+    again = json.loads((vae_dir / "config.json").read_text())
+    record = json.loads((vae_dir / "sft_record.json").read_text())
+    assert record["latents_mean"] == again["latents_mean"] and record["scaling_factor"] == again["scaling_factor"]
+    policy = MVDreamPolicy.tiny(world.VOCAB, elevation=world.TOY.elevation, vae=read_vae(str(vae_dir)))
+    white = policy.encode(torch.ones(1, 4, 3, 64, 64))
+    assert white.mean((0, 1, 3, 4)).abs().max() < 1e-4          # the background's latent is 0 per channel
+    views = sft.make_bank(16, 0, torch.device("cpu"))["views"]
+    assert abs(policy.encode(views).pow(2).mean().item() - 1.0) < 1e-3   # unit mean square over the bank
+    # the shipped config is this computation on the first 256 examples (64 here: the same first images, fewer)
+    assert np.allclose(again["latents_mean"], shipped["latents_mean"], atol=0.02)
+    assert abs(again["scaling_factor"] / shipped["scaling_factor"] - 1) < 0.05
 
 
 def test_sft_mvdream_state_resumes_exactly_where_a_stopped_call_left_off(tmp_path):
