@@ -75,16 +75,16 @@ def test_exact_kl_term_pulls_a_moved_policy_back_to_the_reference(coeff, fill_lo
     samples = {k: traj[k] for k in ("prompt_embeds", "timesteps", "latents", "next_latents", "log_probs",
                                     "ref_log_probs", "ref_means")}
     params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-2)
+    opt = torch.optim.Adam(params, lr=2e-3)         # small enough not to overshoot (lr 1e-2 oscillates)
     plan = BatchPlan(world_size=1, samples_per_epoch=2, updates_per_epoch=1, micro_batch_size=2, num_steps=3)
     kls = []
-    for step in range(3):
+    for step in range(4):
         info = ppo_update(policy, policy, samples, torch.zeros(2), opt, plan, eta=1.0, guidance_scale=2.0,
                           train_cfg=True, clip_range=1e-4, adv_clip_max=5.0, max_grad_norm=1.0,
                           generator=torch.Generator().manual_seed(step), kl_mean_coeff=coeff)
         kls.append(info[0]["kl_step"])
     assert kls[0] > 0
     if coeff == 0:
-        assert kls[2] == pytest.approx(kls[0], rel=1e-5)   # nothing moves the policy
-    else:
-        assert kls[2] < 0.8 * kls[0]                       # measured before each step: falling
+        assert kls[3] == pytest.approx(kls[0], rel=1e-5)   # nothing moves the policy
+    else:                                                  # measured before each step: falling at every step
+        assert all(b < a for a, b in zip(kls, kls[1:])) and kls[3] < 0.8 * kls[0], kls
