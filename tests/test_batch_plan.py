@@ -80,3 +80,17 @@ def test_plan_cli_prints_the_totals_and_refuses_a_bad_plan():
     assert bad.returncode != 0 and "warm-up" in bad.stderr
     bad = plan_cli("config.yaml", "--plan", "1", "train_batch_size=4")
     assert bad.returncode != 0 and "samples_per_epoch" in bad.stderr
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_toy_gpu_config_loads_and_plans_carve3ds_batch_on_one_and_two_gpus(world):
+    cfg = train.load_config(os.path.join(ROOT, "toy-gpu.yaml"))
+    prompts = train.load_prompts(cfg.train_prompts, cfg.num_train_prompts)
+    p = batch_plan(cfg, world, len(prompts)).validate()
+    assert p.samples_per_rank * world == p.samples_per_epoch == p.train_batch_total == 768 and p.on_policy
+    assert p.accumulation_steps * p.micro_batch_size * world == 768
+    assert p.num_train_timesteps == cfg.num_steps == 20            # every timestep of every trajectory
+    assert (p.buffer_size, p.min_count) == (72, 24)               # 3 epochs / 1 epoch of 24 samples per prompt
+    assert cfg.mixed_precision == "bf16" and cfg.compile and cfg.num_val_samples >= 2 and cfg.best_min_diversity > 0
+    for path in (cfg.policy, cfg.lgm):                             # the shipped checkpoints it starts from
+        assert os.path.exists(os.path.join(ROOT, path)), path
