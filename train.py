@@ -31,7 +31,7 @@ from reconstruct import LGM
 from reward import MRCReward, load_lpips
 from sample import sample_trajectories
 from stat_tracking import PerPromptStatTracker
-from support import checkpoint, devices
+from support import checkpoint, compiling, devices
 from support.config import batch_plan, load_config as _load_config, print_plan, save_resolved
 from support.diversity import per_prompt_diversity
 from support.flops import Throughput
@@ -94,6 +94,7 @@ class Config:  # one flat config, one comment per field; YAML keys have the same
     device: str = "auto"                  # auto (cuda if available), cuda or cpu
     mixed_precision: str = "bf16"         # CUDA: bf16 frozen weights + fp32 LoRA under bf16 autocast; "no" = fp32
     compile: bool = True                  # CUDA: torch.compile the UNet, VAE decoder and LGM (false: eager)
+    compile_regional: bool = False        # compile each repeated block once, not whole networks: shorter warm-up
     micro_batch_size: int = 8             # prompts per UNet call on one GPU, in sampling and training alike
     nonfinite: str = "skip"               # non-finite loss/grad: skip the update on every rank (and count) or stop
     wandb: bool = False                   # also log to Weights & Biases (needs `pip install wandb`)
@@ -246,8 +247,7 @@ def main(argv):
     best = checkpoint.BestCheckpoint(cfg, counters)
     logger = Logger(cfg, rank, start_epoch)
     throughput = Throughput(policy, reward_fn, device, cfg, plan, world)  # counts FLOPs on the eager UNet
-    if cfg.compile and device.type == "cuda":
-        devices.compile_models(policy, reward_fn)  # the UNet, the VAE decoder, LGM
+    compiling.for_training(cfg, policy, reward_fn, device, rank)  # CUDA: UNet, VAE decoder, LGM; cache in run_dir
     if rank == 0:
         save_resolved(cfg, cfg.run_dir)
         print(plan.describe())

@@ -4,9 +4,13 @@
 #                                                  # load: 16 samples, 50 DDIM steps, CFG, KL, micro-batch 16
 #   python bench/epoch.py --device cpu --toy       # toy setup (toy.yaml, random tiny models): a quick check
 #   python bench/epoch.py --device cuda --set fused_lora=false   # peft's LoRA layers instead of one GEMM each
-#   options: --samples N --micro M --steps S --modes eager,compiled --fp32-check --orbit --profile PREFIX --syncs
-#            --set KEY=VALUE ... --compile-mode MODE
+#   python bench/epoch.py --device cuda --modes regional --fresh-caches --compile-cache DIR   # warm-up from empty
+#                                                  # caches; rerun it: the same with DIR's saved artifacts loaded
+#   options: --samples N --micro M --steps S --modes eager,compiled,regional --fp32-check --orbit --profile PREFIX
+#            --syncs --set KEY=VALUE ... --compile-mode MODE --fresh-caches --compile-cache DIR
 #
+# Warm-up: the first epoch (models on the GPU to the end of the first update) minus the second, with the seconds
+# Dynamo reports compiling; `--fresh-caches` points Inductor's and Triton's caches at empty folders (a new machine).
 # Per stage (sampling with the policy alone, the reference pass, VAE decode, LGM, render, crop + LPIPS, the PPO
 # update): seconds per sample, share of the epoch and peak GPU memory. Then the whole epoch as train.py runs it
 # (rollout with the reference, reward, advantages, update) with its MFU: FLOPs counted by FlopCounterMode
@@ -35,7 +39,7 @@ from mvdream import MVDreamPolicy  # noqa: E402
 from ppo import ppo_update, summarize  # noqa: E402
 from reward import mrc  # noqa: E402
 from sample import ddim_step_with_logprob, sample_trajectories  # noqa: E402
-from support import devices  # noqa: E402
+from support import compiling, devices  # noqa: E402
 from support.config import batch_plan  # noqa: E402
 from support.flops import Throughput  # noqa: E402
 from support.seeding import make_generator  # noqa: E402
@@ -94,7 +98,8 @@ def rollout_stages(cfg, policy, reward_fn, prompts, autocast, st):
     return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
 
-def one_mode(args, compiled):
+def one_mode(args, mode):
+    compiled = mode != "eager"
     cfg = config(args, compiled)
     device = torch.device(args.device)
     plan = batch_plan(cfg, 1, cfg.num_train_prompts).validate()
@@ -114,7 +119,9 @@ def one_mode(args, compiled):
             # setup alike); with one graph per compiled shape it runs (docs/BENCHMARKS.md)
             import torch._inductor.config as inductor_config
             inductor_config.triton.cudagraph_trees = False
-        devices.compile_models(policy, reward_fn, mode=args.compile_mode)
+        compiling.compile_models(policy, reward_fn, mode=args.compile_mode, regional=mode == "regional")
+        if args.compile_cache:
+            print(compiling.load_cache(args.compile_cache, device) or f"no compile cache in {args.compile_cache}")
     prompts = [f"prompt {i}" for i in range(plan.samples_per_epoch)] if not args.toy else \
         load_prompts("toy:train", plan.samples_per_epoch)
 
@@ -130,18 +137,24 @@ def one_mode(args, compiled):
                                                 autocast=autocast, params=params))
         return samples, summarize(infos)
 
-    t0 = time.perf_counter()  # warm-up: compile (and cuDNN/cuBLAS autotuning) on a 2-step epoch
-    epoch(dataclasses.replace(cfg, num_steps=2), Stages(device))
-    warmup = time.perf_counter() - t0
+    # warm-up: the first epoch (from the models on the GPU to the end of the first update: every graph compiled, plus
+    # cuDNN/cuBLAS autotuning) minus the same epoch at steady state (the second)
+    compile_s, t0 = compiling.compile_seconds(), time.perf_counter()
+    epoch(cfg, Stages(device))
+    first, compile_s = time.perf_counter() - t0, compiling.compile_seconds() - compile_s
+    if args.compile_cache and compiled:
+        print(f"compile cache: {compiling.save_cache(args.compile_cache, device)} artifacts written")
     st = Stages(device)
+    t0 = time.perf_counter()
     samples, info = epoch(cfg, st)
+    warmup = first - (time.perf_counter() - t0)
     st.t["reference"] = st.t.pop("sampling + reference") - st.t["sampling (policy)"]
     st.t["sampling (policy)"] -= st.t["decode"]  # sample_trajectories decodes at its end
     whole = st.t["sampling (policy)"] + st.t["reference"] + st.t["decode"] + st.t["LGM"] + st.t["render"] + \
         st.t["crop + LPIPS"] + st.t["update"]
     mfu = throughput.epoch_flops(1) / whole / throughput.peak
-    mode = (f"compiled ({args.compile_mode})" if args.compile_mode else "compiled") if compiled else "eager"
-    out = {"mode": mode, "warmup_s": warmup, "stages": st.t, "mem": st.mem,
+    mode = f"{mode} ({args.compile_mode})" if args.compile_mode and compiled else mode
+    out = {"mode": mode, "warmup_s": warmup, "compile_s": compile_s, "stages": st.t, "mem": st.mem,
            "epoch_s": whole, "mfu": mfu, "samples_per_s": len(prompts) / whole, "on_policy": info,
            "peak_tflops": throughput.peak / 1e12}
     print(f"{out['mode']}: epoch {whole:.1f} s, MFU {mfu:.1%} (before the optional checks)", flush=True)
@@ -262,7 +275,7 @@ def report(results, args):
     for r in results:
         o = r["on_policy"]
         print(f"{r['mode']}: epoch {r['epoch_s']:.1f} s ({r['samples_per_s']:.2f} samples/s), MFU {r['mfu']:.1%}, "
-              f"warm-up {r['warmup_s']:.0f} s; first update clipfrac {o['clipfrac']:.3g}, max |ratio-1| "
+              f"warm-up {r['warmup_s']:.0f} s (compiling {r['compile_s']:.0f} s); first update clipfrac {o['clipfrac']:.3g}, max |ratio-1| "
               f"{o['ratio_dev_max']:.3g}, stored log-prob replay error {o['logp_replay_err']:.3g}")
         if "fp32" in r:
             print(f"  bf16 vs fp32 log-probs on the same transitions: {r['fp32']}")
@@ -283,7 +296,12 @@ def main():
     p.add_argument("--samples", type=int, default=16, help="samples in the epoch (Carve3D: 16 per GPU)")
     p.add_argument("--micro", type=int, default=16, help="micro_batch_size (config.yaml: 32, at most the samples a rank has)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--modes", default="eager,compiled", help="eager and/or compiled (compiled needs CUDA)")
+    p.add_argument("--modes", default="eager,compiled", help="eager, compiled (whole networks), regional (each "
+                   "repeated block, support/compiling.py); compiled modes in one process share Inductor's caches")
+    p.add_argument("--compile-cache", metavar="DIR", help="load Inductor's artifacts from DIR before compiling, "
+                   "save them there after the first epoch (train.py's run_dir cache)")
+    p.add_argument("--fresh-caches", action="store_true", help="Inductor and Triton caches in new empty folders "
+                   "(the warm-up of a fresh machine)")
     p.add_argument("--fp32-check", action="store_true", help="log-prob error of bf16 against an fp32 copy")
     p.add_argument("--orbit", action="store_true", help="also time view3d's 72-frame orbit of one object")
     p.add_argument("--profile", metavar="PREFIX", help="also profile a 3-step sampling call and update: GPU busy "
@@ -295,9 +313,16 @@ def main():
     args = p.parse_args()
     if args.syncs and args.device != "cuda":
         p.error("--syncs needs --device cuda (CUDA's sync debug mode)")
+    if args.fresh_caches:
+        import os
+        import tempfile
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-")
     results = []
     for mode in args.modes.split(","):
-        results.append(one_mode(args, mode == "compiled"))
+        if mode not in ("eager", "compiled", "regional"):
+            p.error(f"--modes: {mode!r} is not eager, compiled or regional")
+        results.append(one_mode(args, mode))
         print(json.dumps(results[-1], default=str), flush=True)  # kept if a later mode fails
     report(results, args)
 

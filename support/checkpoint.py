@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import torch
 
-from support import files
+from support import compiling, files
 from support import mvdream_weights as weights
 from support.devices import barrier, gather_list
 
@@ -70,6 +70,9 @@ def save_checkpoint(cfg, epoch, policy, optimizer, trackers, counters, rank):
         files.write_manifest(tmp)  # last: sizes and sha256 of everything above
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        device = next(policy.parameters()).device
+        if cfg.compile and device.type == "cuda":  # as compiling.for_training: new compiled code, if any
+            compiling.save_cache(cfg.run_dir, device)
     barrier()
 
 

@@ -100,15 +100,6 @@ def frozen_dtype(device, mixed_precision):
     return torch.bfloat16 if device.type == "cuda" and mixed_precision == "bf16" else torch.float32
 
 
-def compile_models(policy, reward_fn, mode=None):
-    """torch.compile where an epoch spends its FLOPs: the UNet (sampling, reference, update; `mode` is a bench
-    experiment), the VAE decoder and LGM's U-Net (the reward). Static shapes: every call of an epoch has the
-    micro-batch's shape, so each compiles once."""
-    policy.unet.compile(dynamic=False, mode=mode)
-    policy.vae.decoder.compile(dynamic=False)
-    reward_fn.lgm.unet.compile(dynamic=False)
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

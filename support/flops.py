@@ -8,6 +8,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from support.compiling import compile_seconds
 from support.devices import sync
 
 
@@ -51,14 +52,15 @@ def measure_peak_flops(device, dtype):
 
 
 class Throughput:
-    """Per epoch: wall time of sampling (+ reward) and of the update, samples/s, TFLOP/s and MFU over the whole
-    epoch (sampling, reference, reward, update), peak GPU memory."""
+    """Per epoch: wall time of sampling (+ reward), of the update and of compiling within them, samples/s, TFLOP/s
+    and MFU over the whole epoch (sampling, reference, reward, update), peak GPU memory."""
 
     def __init__(self, policy, reward_fn, device, cfg, plan, world):
         self.cfg, self.plan, self.world, self.device = cfg, plan, world, device
         self.flops = count_flops(policy, reward_fn, device, cfg.guidance_scale)
         amp = device.type == "cuda" and cfg.mixed_precision == "bf16"
         self.peak = measure_peak_flops(device, torch.bfloat16 if amp else torch.float32)
+        self.compiled_s = compile_seconds()
 
     def describe(self):
         f = self.flops
@@ -88,6 +90,10 @@ class Throughput:
         dt = sum(self.times.values())
         achieved = self.epoch_flops(epoch) / dt / self.world
         out = {f"t_{k}": v for k, v in self.times.items()}
+        # the compile warm-up: seconds of this epoch spent compiling (epoch 0: sampling, reference and reward graphs;
+        # epoch 1: the update's; then 0 unless something recompiles; tell by TORCH_LOGS=recompiles)
+        done = compile_seconds()
+        out["t_compile"], self.compiled_s = done - self.compiled_s, done
         out.update(samples_per_s=self.plan.samples_per_epoch / dt, tflops_per_device=achieved / 1e12,
                    mfu=achieved / self.peak)
         if self.device.type == "cuda":

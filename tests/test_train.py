@@ -678,10 +678,10 @@ def test_adaptive_exact_kl_coefficient_follows_the_rule_and_is_checkpointed(tmp_
 
 def test_compile_models_compiles_every_network_of_the_epoch():
     # train.py (compile: true on CUDA) compiles the UNet and both reward networks; the timings are in bench/epoch.py
-    from support import devices
+    from support import compiling
     cfg = train.load_config(os.path.join(ROOT, "toy.yaml"), ["random_init=true"])
     policy, reward_fn = train.build_models(cfg, torch.device("cpu"))
     modules = (policy.unet, policy.vae.decoder, reward_fn.lgm.unet)
     assert all(m._compiled_call_impl is None for m in modules)
-    devices.compile_models(policy, reward_fn)
+    compiling.compile_models(policy, reward_fn)
     assert all(m._compiled_call_impl is not None for m in modules)

@@ -19,6 +19,8 @@ distribution (Carve3D Sec. 1, Fig. 4). We reproduce that setting in the toy worl
 Commands that made the shipped checkpoints (seed 0 unless given; each checkpoint's record holds the arguments,
 device and wall time of its run):
     python -m toy.sft vae --steps 2000 --bank 8192 --out checkpoints/toy/vae-tiny
+    python -m toy.sft latents --vae checkpoints/toy/vae-tiny           # its latents_mean / scaling_factor, set after
+                                                                      # the fact (a `vae` run sets them itself)
     python -m toy.sft lgm --steps 3000 --out lgm-tiny.safetensors      # the first LGM, not shipped (git: 533d5a0)
     python -m toy.sft lgm --init lgm-tiny.safetensors --lr 5e-4 --seed 1 --bank 8192 --steps 4000 --max-minutes 7.4 \
         --out lgm-tiny-v2.safetensors                                 # that LGM trained further (git: b7624da)

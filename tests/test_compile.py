@@ -1,0 +1,123 @@
+# support/compiling.py: the compiled paths compute what eager computes, and the run directory's compile cache is
+# written, picked up, or skipped with a line that says why. Inductor on the CPU, a smaller UNet than the toy's
+# (the real classes) so that each path compiles in seconds; train.py compiles only on CUDA.
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mvdream import TINY_VAE_CONFIG, MVDreamPolicy, tiny_text_config
+from reconstruct import LGM
+from sample import ddim_step_with_logprob, sample_trajectories
+from support import compiling
+from support.mvdream_weights import WordTokenizer
+from toy.world import VOCAB
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[16, 32],
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=64,
+                  attention_head_dim=[2, 4], use_linear_projection=True, flip_sin_to_cos=True, freq_shift=0,
+                  norm_num_groups=8, act_fn="silu", class_embed_type="projection",
+                  projection_class_embeddings_input_dim=16)
+
+
+def small_policy(fill_lora_up):
+    tokenizer = WordTokenizer(VOCAB, 16)  # as MVDreamPolicy.tiny builds the toy's, with a smaller UNet and VAE
+    vae = dict(TINY_VAE_CONFIG, block_out_channels=(8, 8, 8), norm_num_groups=4)
+    config = {"unet": SMALL_UNET, "text_encoder": tiny_text_config(tokenizer.vocab_size, 16),
+              "tokenizer": {"type": "word", "vocab": tokenizer.vocab, "max_length": 16}, "vae": vae,
+              "image_size": 64, "elevation": 15.0}
+    policy = MVDreamPolicy.from_config(config, seed=0)
+    policy.add_lora(4, 4)
+    return fill_lora_up(policy, 0.1, 4)  # adapters that change the output: the reference pass differs
+
+
+class Reward:  # what compile_models reads of MRCReward: the LGM (compiled, not called here)
+    lgm = LGM("tiny")
+
+
+def replayed_log_probs(policy, traj):
+    # the update's view of the samples: each stored transition re-scored by the policy (ppo.py does this)
+    out = []
+    with torch.no_grad():
+        for j in range(traj["timesteps"].shape[1]):
+            t, x = traj["timesteps"][:, j], traj["latents"][:, j]
+            eps = policy(x, t, traj["prompt_embeds"], 5.0)
+            out.append(ddim_step_with_logprob(policy.scheduler, eps, t, x, 1.0, prev_sample=traj["next_latents"][:, j])[1])
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("regional", [False, True], ids=["whole", "regional"])
+def test_compiled_unet_gives_the_eager_log_probs_in_fp32(regional, fill_lora_up, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # compiled here, not read from an earlier run
+    torch._dynamo.reset()
+    policy = small_policy(fill_lora_up)
+    with torch.no_grad():
+        traj = sample_trajectories(policy, ["a red cube"], num_steps=2, guidance_scale=5.0,
+                                   generator=torch.Generator().manual_seed(0))
+    eager = replayed_log_probs(policy, traj)
+    torch.testing.assert_close(eager, traj["log_probs"], rtol=0, atol=1e-6)
+    before = compiling.compile_seconds()
+    compiling.compile_models(policy, Reward(), regional=regional)
+    compiled = replayed_log_probs(policy, traj)
+    assert compiling.compile_seconds() > before
+    assert (policy.unet._compiled_call_impl is None) == regional   # regional: the blocks, not the network
+    assert not regional or all(m._compiled_call_impl is not None for m in policy.unet.modules()
+                               if type(m).__name__ in compiling.REGIONS)
+    # per-dimension mean log-densities (|value| ~ 1-3): the PPO ratio exp(new - old) is off by at most 1e-5
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    torch._dynamo.reset()
+
+
+CHILD = """
+import sys, torch
+from support import compiling
+print(compiling.load_cache(sys.argv[1], torch.device("cpu")))
+f = torch.compile(lambda x: (x.sin() * 3).cos().sum(1), dynamic=False)
+f(torch.ones(4, 8))
+from torch._dynamo.utils import counters
+print("hits", counters["inductor"]["fxgraph_cache_hit"])
+if sys.argv[2] == "save":
+    print(compiling.save_cache(sys.argv[1], torch.device("cpu")), compiling.save_cache(sys.argv[1], torch.device("cpu")))
+"""
+
+
+def test_compile_cache_is_saved_picked_up_on_resume_and_skipped_when_it_cannot_serve(tmp_path):
+    # a run compiles and saves; a fresh process with an empty Inductor cache (a new machine) loads it before
+    # compiling and compiles from it; a cache of another torch version or device, or torn, is skipped with a line
+    run = tmp_path / "run"
+
+    def child(cache, action):
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(run), action], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT,
+                                                               TORCHINDUCTOR_CACHE_DIR=str(tmp_path / cache)))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.splitlines()
+
+    first = child("cache-a", "save")
+    assert first[:2] == ["None", "hits 0"]  # nothing in run/ yet: compiled from scratch
+    written, again = (int(x) for x in first[2].split())
+    assert written > 0 and again == 0       # the second save has nothing new to write
+    info = json.loads((run / compiling.CACHE_INFO).read_text())
+    assert info == {"torch": torch.__version__, "device": "cpu", "artifacts": written,
+                    "bytes": (run / compiling.CACHE_FILE).stat().st_size}
+
+    resumed = child("cache-b", "run")       # empty Inductor cache
+    assert resumed[0] == f"compile cache loaded from {run}: {written} artifacts (torch {torch.__version__}, cpu)"
+    assert resumed[1] != "hits 0"           # compiled from the loaded artifacts
+
+    cpu = torch.device("cpu")
+    (run / compiling.CACHE_INFO).write_text(json.dumps(dict(info, torch="0.0.1")))
+    assert compiling.load_cache(str(run), cpu).startswith(
+        f"compile cache in {run} skipped: saved with torch 0.0.1 on cpu, this run has torch {torch.__version__} on cpu")
+    (run / compiling.CACHE_INFO).write_text(json.dumps(dict(info, device="NVIDIA H100 80GB HBM3")))
+    assert "skipped: saved with torch" in compiling.load_cache(str(run), cpu)
+    (run / compiling.CACHE_INFO).write_text(json.dumps(dict(info, bytes=info["bytes"] + 1)))
+    assert "interrupted copy" in compiling.load_cache(str(run), cpu)
+    (run / compiling.CACHE_INFO).write_text("{not json")
+    assert "unreadable" in compiling.load_cache(str(run), cpu)
+    assert compiling.load_cache(str(tmp_path / "nothing"), cpu) is None
