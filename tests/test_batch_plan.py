@@ -67,19 +67,21 @@ def plan_cli(*args):
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
 
 
-def test_plan_cli_prints_the_totals_and_refuses_a_bad_plan():
-    ok = [plan_cli("config.yaml", "--plan", str(n)) for n in (1, 8, 48)]
-    for proc in ok:
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert int(re.search(r"samples per epoch\s+(\d+)", proc.stdout).group(1)) == 768
-    assert "96 = 3 micro-batches x 32 prompts" in ok[1].stdout
-    assert "16 = 1 micro-batches x 16 prompts" in ok[2].stdout  # micro_batch_size 32 is at most 32: Carve3D's 16
-    bad = plan_cli("config.yaml", "--plan", "7")
+def test_plan_cli_prints_the_totals_and_refuses_a_bad_plan(capsys):
+    # the command line once each way (a process costs ~8 s of imports); the other plans through train.main
+    ok, bad = plan_cli("config.yaml", "--plan", "8"), plan_cli("config.yaml", "--plan", "7")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert int(re.search(r"samples per epoch\s+(\d+)", ok.stdout).group(1)) == 768
+    assert "96 = 3 micro-batches x 32 prompts" in ok.stdout
     assert bad.returncode != 0 and "7 ranks" in bad.stderr and "models" not in bad.stdout
-    bad = plan_cli("config.yaml", "--plan", "1", "stat_min_count=26")  # 30 x 26 > 768: warm-up coverage
-    assert bad.returncode != 0 and "warm-up" in bad.stderr
-    bad = plan_cli("config.yaml", "--plan", "1", "train_batch_size=4")
-    assert bad.returncode != 0 and "samples_per_epoch" in bad.stderr
+    config = os.path.join(ROOT, "config.yaml")
+    for n in (1, 48):
+        assert train.main([config, "--plan", str(n)]).samples_per_epoch == 768
+    assert "16 = 1 micro-batches x 16 prompts" in capsys.readouterr().out  # micro_batch_size 32 is at most 32: 16
+    with pytest.raises(ValueError, match="warm-up"):              # 30 x 26 > 768: warm-up coverage
+        train.main([config, "--plan", "1", "stat_min_count=26"])
+    with pytest.raises(KeyError, match="samples_per_epoch"):         # a key of an earlier version: its successors
+        train.main([config, "--plan", "1", "train_batch_size=4"])
 
 
 @pytest.mark.parametrize("world", [1, 2])
