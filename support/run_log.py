@@ -184,7 +184,7 @@ def _save(fig, out):
 
 if __name__ == "__main__":
     # python -m support.run_log runs/toy [runs/nokl ...] --out docs/toy_rl_curve.png     (val curves of runs)
-    # python -m support.run_log --eval outputs/eval/gpu --out docs/toy_gpu_collapse.png  (test curves of checkpoints)
+    # python -m support.run_log --eval outputs/eval/gpu --out outputs/curves.png      (test curves of checkpoints)
     import argparse
     p = argparse.ArgumentParser(description="plot val MRC, fidelity and KL of train.py runs, or (--eval) the test "
                                 "metrics of evaluate.py --table rows named SETTING@EPOCH/SEED")

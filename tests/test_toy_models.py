@@ -732,7 +732,7 @@ def test_checkpoint_curve_averages_seeds_per_setting_and_epoch(tmp_path):
 @pytest.mark.parametrize("keys", [("mrc_mean", "fidelity_mean", "diversity"),
                                   ("mrc_mean", "fidelity_mean", "diversity", "size_spread")])
 def test_panel_titles_and_legend_fit_inside_the_figure(tmp_path, keys):
-    # "test fidelity_mean" is the longest title of docs/RESULTS.md's figures; 4 panels go on 2 rows
+    # "test fidelity_mean" is the longest title run_log draws; 4 panels go on 2 rows
     from support.run_log import checkpoint_curve_figure
     fig = checkpoint_curve_figure(str(fake_eval_dir(tmp_path)), keys=keys)
     fig.canvas.draw()
@@ -748,7 +748,8 @@ def test_panel_titles_and_legend_fit_inside_the_figure(tmp_path, keys):
 
 
 def test_run_log_command_line_plots_an_eval_dir(tmp_path):
-    # docs/RESULTS.md's command: python -m support.run_log --eval DIR --out docs/toy_gpu_collapse.png
+    # python -m support.run_log --eval DIR: test metrics along training, from an evaluate.py table whose rows are
+    # named SETTING@EPOCH/SEED
     import subprocess
     import sys
     out = tmp_path / "collapse.png"
