@@ -71,7 +71,7 @@ def save_checkpoint(cfg, epoch, policy, optimizer, trackers, counters, rank):
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         device = next(policy.parameters()).device
-        if cfg.compile and device.type == "cuda":  # as compiling.for_training: new compiled code, if any
+        if compiling.active(cfg, device):  # new compiled code, if any
             compiling.save_cache(cfg.run_dir, device)
     barrier()
 

@@ -99,10 +99,15 @@ def save_cache(run_dir, device):
     return count
 
 
+def active(cfg, device):
+    # train.py compiles on CUDA only (cfg.compile); on the CPU it runs eager
+    return cfg.compile and device.type == "cuda"
+
+
 def for_training(cfg, policy, reward_fn, device, rank):
-    """train.py: compile (cfg.compile, on CUDA) and load the run directory's compile cache, which
-    checkpoint.save_checkpoint keeps up to date (save_cache)."""
-    if not (cfg.compile and device.type == "cuda"):
+    """train.py: compile (if active) and load the run directory's compile cache, which checkpoint.save_checkpoint
+    keeps up to date (save_cache)."""
+    if not active(cfg, device):
         return
     compile_models(policy, reward_fn, regional=cfg.compile_regional)
     line = load_cache(cfg.run_dir, device)
