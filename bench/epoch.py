@@ -142,6 +142,7 @@ def one_mode(args, mode):
     compile_s, t0 = compiling.compile_seconds(), time.perf_counter()
     epoch(cfg, Stages(device))
     first, compile_s = time.perf_counter() - t0, compiling.compile_seconds() - compile_s
+    print(f"{mode}: first epoch {first:.1f} s (compiling {compile_s:.0f} s)", flush=True)  # kept if a timeout follows
     if args.compile_cache and compiled:
         print(f"compile cache: {compiling.save_cache(args.compile_cache, device)} artifacts written")
     st = Stages(device)
