@@ -43,8 +43,9 @@ MRC, so a latent model's MRC is compared with this reference.
 
 --table also writes table.json and, in table.md, 95% paired-bootstrap intervals over prompts (--bootstrap
 resamples of the prompts from a fixed seed, the same prompt indices for every row, so differences between rows are
-paired) for MRC, size-adjusted MRC and fidelity; with --gap BASE,REF the fraction of the MRC gap between two rows
-that a row closes, (MRC_BASE - MRC_row) / (MRC_BASE - MRC_REF), and the same on size-adjusted MRC; with --compare
+paired) for MRC, size-adjusted MRC, fidelity, size bias, size spread and diversity; with --gap BASE,REF the
+fraction of the MRC gap between two rows that a row closes, (MRC_BASE - MRC_row) / (MRC_BASE - MRC_REF), the same
+on size-adjusted MRC, and each row's diversity as a fraction of BASE's; with --compare
 NAME each row's size-adjusted MRC minus NAME's. The reference curve is computed once (OUT/size_reference.json).
 
 --robustness: Carve3D Sec. 3's controlled inconsistency on ground-truth renders, on raw renders and through
@@ -69,7 +70,7 @@ from reward import MRCReward, load_lpips
 from sample import sample_fixed_noise
 from support.cli import add_reward_args, add_sampling_args
 from support.devices import autocast
-from support.diversity import diversity
+from support.diversity import per_prompt_diversity
 from support.images import draw_lines, new_figure, save_grid
 from support.mvdream_weights import read_vae
 from support.seeding import make_generator
@@ -136,9 +137,11 @@ def evaluate(args, device):
     views = generate(args, prompts, device)                                   # (P, S, 4, 3, H, W)
     flat = views.flatten(0, 1)
     mrc = score(flat, reward_fn, args.batch_size, device)
+    div = per_prompt_diversity(views, lpips_model)                            # (P,), nan for one sample
     metrics = {"num_prompts": len(prompts), "samples_per_prompt": args.seeds,
                "mrc_mean": mrc.mean().item(), "mrc_std": mrc.std().item() if len(mrc) > 1 else 0.0,
-               "diversity": diversity(views, lpips_model), "per_sample": {"mrc": mrc.tolist()}}
+               "diversity": div.mean().item(), "per_sample": {"mrc": mrc.tolist()},
+               "per_prompt": {"diversity": div.tolist()} if args.seeds > 1 else {}}
     if args.prompts.startswith("toy:"):
         per_sample = [p for p in prompts for _ in range(args.seeds)]
         fid, spread, bias = fidelity_and_size(flat.cpu(), per_sample, args.elevation)
@@ -275,17 +278,17 @@ def table(args, device):
 def summarize(rows, ref, gap, compare, resamples):
     """Each row's point values and 95% percentile intervals from a paired bootstrap over prompts: the same
     resampled prompt indices for every row (and the size reference), so a difference between rows keeps its
-    pairing. Keys: mrc, mrc_size_adjusted, fidelity, gap_closed and gap_closed_size_adjusted (with --gap),
-    mrc_minus_compare and mrc_size_adjusted_minus_compare (with --compare), each with KEY_ci; size_bias,
-    size_spread and diversity as points."""
+    pairing. Keys: mrc, mrc_size_adjusted, fidelity, size_bias, size_spread, diversity, gap_closed,
+    gap_closed_size_adjusted and diversity_ratio (to the gap's base row; with --gap), mrc_minus_compare and
+    mrc_size_adjusted_minus_compare (with --compare), each with KEY_ci where a row has what it needs."""
     p = next(iter(rows.values()))["num_prompts"]
     both = torch.cat([torch.arange(p)[None], bootstrap_indices(p, resamples, BOOTSTRAP_SEED)])  # 0: all prompts
     stats = {}
     for name, m in rows.items():
         per = {k: per_prompt(v, p)[both] for k, v in m["per_sample"].items()}
-        stats[name] = {"mrc": per["mrc"].mean(1)}
-        if "fidelity" in per:
-            stats[name]["fidelity"] = per["fidelity"].mean(1)
+        per.update({k: torch.tensor(v, dtype=torch.float64)[both] for k, v in m.get("per_prompt", {}).items()})
+        stats[name] = {k: per[k].mean(1) for k in ("mrc", "fidelity", "size_bias", "size_spread", "diversity")
+                       if k in per}
         if ref is not None:
             stats[name]["mrc_size_adjusted"] = size_adjusted_mrc(
                 per["mrc"], per["size_bias"], torch.tensor(ref["mrc"], dtype=torch.float64)[both],
@@ -298,9 +301,12 @@ def summarize(rows, ref, gap, compare, resamples):
                 st["gap_closed" + suffix] = (base - st[key]) / (base - end)
             if compare:
                 st[key + "_minus_compare"] = st[key] - stats[compare][key]
+        if gap and "diversity" in st and "diversity" in stats[gap[0]]:   # Carve3D: RL keeps the base's diversity
+            st["diversity_ratio"] = st["diversity"] / stats[gap[0]]["diversity"]
     summary = {}
-    for name, st in stats.items():
-        summary[name] = {k: rows[name][k] for k in ("size_bias", "size_spread", "diversity") if k in rows[name]}
+    for name, st in stats.items():   # rows without the per-prompt values keep their points
+        summary[name] = {k: rows[name][k] for k in ("size_bias", "size_spread", "diversity")
+                         if k in rows[name] and k not in st}
         for key, x in st.items():
             summary[name].update({key: x[0].item(), key + "_ci": percentile_ci(x[1:])})
     return summary
@@ -314,8 +320,9 @@ def _columns(gap, compare):
                                                                            "gap_closed_size_adjusted")]
     if compare:
         cols += [(f"size-adj MRC − {compare} [CI]", "mrc_size_adjusted_minus_compare")]
-    return cols + [("fidelity [CI]", "fidelity"), ("size bias", "size_bias"), ("size spread", "size_spread"),
-                   ("diversity", "diversity")]
+    cols += [("fidelity [CI]", "fidelity"), ("size bias [CI]", "size_bias"), ("size spread [CI]", "size_spread"),
+             ("diversity [CI]", "diversity")]
+    return cols + [(f"diversity / {gap[0]} [CI]", "diversity_ratio")] if gap else cols
 
 
 def _cell(summary, key):

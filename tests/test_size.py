@@ -198,8 +198,20 @@ def test_table_size_adjusts_against_ground_truth_through_the_vae_and_pairs_the_b
     # the gap: 0 at its base, 1 at its reference, in every resample
     assert summary["gt"]["gap_closed_ci"] == [0.0, 0.0] and summary["gt-vae"]["gap_closed_ci"] == [1.0, 1.0]
     assert summary["gt"]["mrc"] == pytest.approx(gt["mrc_mean"], abs=1e-7)
+    # size bias, size spread and diversity get paired intervals too: by hand from the same resampled prompts
+    idx = bootstrap_indices(2, 200, evaluate.BOOTSTRAP_SEED)
+    for key, per in (("size_bias", evaluate.per_prompt(gt["per_sample"]["size_bias"], 2)),
+                     ("size_spread", evaluate.per_prompt(gt["per_sample"]["size_spread"], 2)),
+                     ("diversity", torch.tensor(gt["per_prompt"]["diversity"], dtype=torch.float64))):
+        assert summary["gt"][key] == pytest.approx(gt[key], abs=1e-7)
+        assert summary["gt"][key + "_ci"] == pytest.approx(percentile_ci(per[idx].mean(1)), abs=1e-9)
+    assert summary["gt"]["diversity_ratio_ci"] == [1.0, 1.0]     # the gap's base against itself
+    ratio = torch.tensor(rows["gt-vae"]["per_prompt"]["diversity"], dtype=torch.float64)[idx].mean(1) / \
+        torch.tensor(gt["per_prompt"]["diversity"], dtype=torch.float64)[idx].mean(1)
+    assert summary["gt-vae"]["diversity_ratio_ci"] == pytest.approx(percentile_ci(ratio), abs=1e-9)
     lines = (out / "table.md").read_text().splitlines()
     assert len(lines) == 5 and "size-adj MRC − again [CI]" in lines[0] and lines[3].startswith("| gt-vae | ")
+    assert "diversity / gt [CI]" in lines[0]
     # the reference is cached under what it depends on: reread without a reward, recomputed when a key changes
     args = evaluate.argparse.Namespace(out=str(out), **{k: v for k, v in ref["key"].items() if k != "prompts"})
     assert evaluate.size_reference(args, ref["key"]["prompts"], None, torch.device("cpu")) == ref
