@@ -382,6 +382,7 @@ def write_lora(directory, peft_state, lora_config):
     # diffusers' own writer: safetensors + the LoraConfig in the header (so alpha travels with the file).
     sd = {k: v.detach().cpu().contiguous() for k, v in peft_state.items()}
     meta = {k: v for k, v in lora_config.to_dict().items() if k in ("r", "lora_alpha", "target_modules")}
+    meta["target_modules"] = sorted(meta["target_modules"])  # peft keeps a set: its order varies by process
     StableDiffusionLoraLoaderMixin.save_lora_weights(directory, unet_lora_layers=sd, weight_name=LORA_FILE,
                                                      unet_lora_adapter_metadata=meta)
     return Path(directory) / LORA_FILE
