@@ -24,6 +24,7 @@ from support import checkpoint
 from support import images
 from support.run_log import read_metrics
 from support.mvdream_weights import read_vae
+from support.diversity import diversity
 from support.seeding import make_generator
 from toy import fidelity
 from toy import sft
@@ -466,14 +467,14 @@ def test_within_prompt_correlation_ignores_each_prompts_level():
 def test_diversity_is_zero_for_identical_samples_and_positive_otherwise(alex):
     views = ground_truth_views(["a red cube", "a blue ball with a green cone on its left"], 0)   # (2, 4, 3, 64, 64)
     same = views[:, None].expand(-1, 3, -1, -1, -1, -1)                                       # 3 identical samples
-    assert evaluate.diversity(same, alex) == 0.0
+    assert diversity(same, alex) == 0.0
     other = ground_truth_views(["a red cube", "a blue ball with a green cone on its left"], 50)
     different = torch.stack([views, other], 1)                                                # (P=2, S=2, ...)
-    d = evaluate.diversity(different, alex)
+    d = diversity(different, alex)
     with torch.no_grad():
         expect = torch.stack([alex(views[i], other[i], normalize=True).mean() for i in range(2)]).mean().item()
     assert d > 0 and d == pytest.approx(expect, abs=1e-6)
-    assert math.isnan(evaluate.diversity(views[:, None], alex))                            # 1 sample: undefined
+    assert math.isnan(diversity(views[:, None], alex))                            # 1 sample: undefined
 
 
 def test_line_plot_draws_every_series_titled_and_labelled(tmp_path):
