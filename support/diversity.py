@@ -16,7 +16,3 @@ def per_prompt_diversity(views, lpips_model):
     d = torch.cat([lpips_model(x[i:i + 256], y[i:i + 256], normalize=True).flatten() for i in range(0, len(x), 256)])
     return d.view(P, -1).mean(1).cpu()
 
-
-def diversity(views, lpips_model):
-    """Mean pairwise LPIPS between the samples of each prompt, averaged over views and prompts (nan for 1 sample)."""
-    return per_prompt_diversity(views, lpips_model).mean().item()
