@@ -7,7 +7,7 @@
 #   python bench/epoch.py --device cuda --modes regional --fresh-caches --compile-cache DIR   # warm-up from empty
 #                                                  # caches; rerun it: the same with DIR's saved artifacts loaded
 #   options: --samples N --micro M --steps S --modes eager,compiled,regional --fp32-check --orbit --profile PREFIX
-#            --syncs --set KEY=VALUE ... --compile-mode MODE --fresh-caches --compile-cache DIR
+#            --syncs --set KEY=VALUE ... --compile-mode MODE --fresh-caches --compile-cache DIR --inductor KEY=VALUE ...
 #
 # Warm-up: the first epoch (models on the GPU to the end of the first update) minus the second, with the seconds
 # Dynamo reports compiling; `--fresh-caches` points Inductor's and Triton's caches at empty folders (a new machine).
@@ -143,6 +143,8 @@ def one_mode(args, mode):
     epoch(cfg, Stages(device))
     first, compile_s = time.perf_counter() - t0, compiling.compile_seconds() - compile_s
     print(f"{mode}: first epoch {first:.1f} s (compiling {compile_s:.0f} s)", flush=True)  # kept if a timeout follows
+    if compiled:
+        print(f"{mode}: where the compiling went: {compiling.breakdown()}", flush=True)
     if args.compile_cache and compiled:
         print(f"compile cache: {compiling.save_cache(args.compile_cache, device)} artifacts written")
     st = Stages(device)
@@ -155,7 +157,8 @@ def one_mode(args, mode):
         st.t["crop + LPIPS"] + st.t["update"]
     mfu = throughput.epoch_flops(1) / whole / throughput.peak
     mode = f"{mode} ({args.compile_mode})" if args.compile_mode and compiled else mode
-    out = {"mode": mode, "warmup_s": warmup, "compile_s": compile_s, "stages": st.t, "mem": st.mem,
+    out = {"mode": mode, "warmup_s": warmup, "compile_s": compile_s, "compiling": compiled and compiling.breakdown(),
+           "stages": st.t, "mem": st.mem,
            "epoch_s": whole, "mfu": mfu, "samples_per_s": len(prompts) / whole, "on_policy": info,
            "peak_tflops": throughput.peak / 1e12}
     print(f"{out['mode']}: epoch {whole:.1f} s, MFU {mfu:.1%} (before the optional checks)", flush=True)
@@ -311,6 +314,8 @@ def main():
     p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode of the compiled run (reduce-overhead: CUDA graphs; not in train.py)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. mixed_precision=no")
+    p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE", help="experiments train.py lacks: "
+                   "torch._inductor.config settings, e.g. triton.autotune_pointwise=False")
     args = p.parse_args()
     if args.syncs and args.device != "cuda":
         p.error("--syncs needs --device cuda (CUDA's sync debug mode)")
@@ -319,6 +324,17 @@ def main():
         import tempfile
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-")
+    for item in args.inductor:
+        import ast
+        import torch._inductor.config as inductor_config
+        key, _, value = item.partition("=")
+        *path, name = key.split(".")
+        ns = inductor_config
+        for part in path:
+            ns = getattr(ns, part)
+        if not hasattr(ns, name):
+            p.error(f"--inductor: torch._inductor.config has no {key!r}")
+        setattr(ns, name, ast.literal_eval(value))
     results = []
     for mode in args.modes.split(","):
         if mode not in ("eager", "compiled", "regional"):

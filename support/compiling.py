@@ -42,6 +42,17 @@ def compile_seconds():
     return sum(sum(times.get(k, ())) for k in ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler"))
 
 
+def breakdown():
+    """Where this process's compile seconds went (Dynamo's timers, nested: tracing, Inductor and the wait for
+    Triton's kernel compiles are parts of the total) and how many graphs Dynamo and Inductor compiled (Inductor's
+    include the backward ones)."""
+    from torch._dynamo.utils import compilation_time_metrics as times, counters
+    sec = {k: round(sum(times.get(k, ())), 1) for k in ("bytecode_tracing", "fx_codegen_and_compile",
+                                                         "async_compile.wait", "compile_fx.<locals>.bw_compiler")}
+    return {"dynamo_graphs": counters["stats"]["unique_graphs"],
+            "inductor_graphs": len(times.get("fx_codegen_and_compile", ())), "seconds": sec}
+
+
 def cache_key(device):
     # compiled kernels are specific to the torch version and the GPU type they were compiled for
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -117,3 +117,19 @@ def test_compile_cache_is_saved_picked_up_on_resume_and_skipped_when_it_cannot_s
     (run / compiling.CACHE_INFO).write_text("{not json")
     assert "unreadable" in compiling.load_cache(str(run), cpu)
     assert compiling.load_cache(str(tmp_path / "nothing"), cpu) is None
+
+
+def test_breakdown_counts_the_graphs_compiled_and_their_seconds():
+    # bench/epoch.py's "where the compiling went": one function with a backward is one Dynamo graph and two
+    # Inductor graphs (forward, backward), each with time spent; calling it again compiles nothing
+    before = compiling.breakdown()
+    f = torch.compile(lambda x: (x.sin() * 3).cos().sum(), dynamic=False)
+    x = torch.ones(5, 7, requires_grad=True)
+    f(x).backward()
+    after = compiling.breakdown()
+    assert after["dynamo_graphs"] - before["dynamo_graphs"] == 1
+    assert after["inductor_graphs"] - before["inductor_graphs"] == 2
+    grew = {k: after["seconds"][k] - before["seconds"][k] for k in after["seconds"]}
+    assert grew["fx_codegen_and_compile"] > 0 and grew["compile_fx.<locals>.bw_compiler"] > 0
+    f(x).backward()
+    assert compiling.breakdown() == after
