@@ -123,7 +123,7 @@ load_config = partial(_load_config, Config)  # (path, overrides) -> Config; erro
 def build_models(cfg, device):
     if cfg.random_init:
         policy = (MVDreamPolicy.tiny(vocab=world.VOCAB, seed=cfg.seed, elevation=cfg.elevation) if cfg.world == "toy"
-                  else MVDreamPolicy.random_init("sd21-4view", seed=cfg.seed, elevation=cfg.elevation))
+                  else MVDreamPolicy.random_init("sd21-4view", seed=cfg.seed, elevation=cfg.elevation, device=device))
         torch.manual_seed(cfg.seed)
         lgm = LGM(cfg.lgm_config)
     else:

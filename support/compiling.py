@@ -44,13 +44,15 @@ def compile_seconds():
 
 def breakdown():
     """Where this process's compile seconds went (Dynamo's timers, nested: tracing, Inductor and the wait for
-    Triton's kernel compiles are parts of the total) and how many graphs Dynamo and Inductor compiled (Inductor's
-    include the backward ones)."""
+    Triton's kernel compiles are parts of the total; largest_timers: every phase Dynamo times, largest first) and
+    how many graphs Dynamo and Inductor compiled (Inductor's include the backward ones)."""
     from torch._dynamo.utils import compilation_time_metrics as times, counters
     sec = {k: round(sum(times.get(k, ())), 1) for k in ("bytecode_tracing", "fx_codegen_and_compile",
                                                          "async_compile.wait", "compile_fx.<locals>.bw_compiler")}
+    top = sorted(((round(sum(v), 1), k) for k in list(times) if (v := times[k])), reverse=True)[:12]
     return {"dynamo_graphs": counters["stats"]["unique_graphs"],
-            "inductor_graphs": len(times.get("fx_codegen_and_compile", ())), "seconds": sec}
+            "inductor_graphs": len(times.get("fx_codegen_and_compile", ())), "seconds": sec,
+            "largest_timers": {k: t for t, k in top}}
 
 
 def cache_key(device):
