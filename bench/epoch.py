@@ -10,7 +10,8 @@
 #            --syncs --set KEY=VALUE ... --compile-mode MODE --fresh-caches --compile-cache DIR --inductor KEY=VALUE ...
 #
 # Warm-up: the first epoch (models on the GPU to the end of the first update) minus the second, with the seconds
-# Dynamo reports compiling; `--fresh-caches` points Inductor's and Triton's caches at empty folders (a new machine).
+# Dynamo reports compiling and where they went (support/compiling.breakdown); `--fresh-caches` points Inductor's
+# and Triton's caches at empty folders (a new machine).
 # Per stage (sampling with the policy alone, the reference pass, VAE decode, LGM, render, crop + LPIPS, the PPO
 # update): seconds per sample, share of the epoch and peak GPU memory. Then the whole epoch as train.py runs it
 # (rollout with the reference, reward, advantages, update) with its MFU: FLOPs counted by FlopCounterMode
