@@ -42,14 +42,14 @@ def compile_seconds():
     return sum(sum(times.get(k, ())) for k in ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler"))
 
 
-def breakdown():
+def breakdown(digits=1):
     """Where this process's compile seconds went (Dynamo's timers, nested: tracing, Inductor and the wait for
     Triton's kernel compiles are parts of the total; largest_timers: every phase Dynamo times, largest first) and
     how many graphs Dynamo and Inductor compiled (Inductor's include the backward ones)."""
     from torch._dynamo.utils import compilation_time_metrics as times, counters
-    sec = {k: round(sum(times.get(k, ())), 1) for k in ("bytecode_tracing", "fx_codegen_and_compile",
+    sec = {k: round(sum(times.get(k, ())), digits) for k in ("bytecode_tracing", "fx_codegen_and_compile",
                                                          "async_compile.wait", "compile_fx.<locals>.bw_compiler")}
-    top = sorted(((round(sum(v), 1), k) for k in list(times) if (v := times[k])), reverse=True)[:12]
+    top = sorted(((round(sum(v), digits), k) for k in list(times) if (v := times[k])), reverse=True)[:12]
     return {"dynamo_graphs": counters["stats"]["unique_graphs"],
             "inductor_graphs": len(times.get("fx_codegen_and_compile", ())), "seconds": sec,
             "largest_timers": {k: t for t, k in top}}

@@ -125,17 +125,17 @@ def test_breakdown_counts_the_graphs_compiled_and_their_seconds(monkeypatch):
     # Inductor graphs (forward, backward), each with time spent; calling it again compiles nothing
     monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # Inductor compiles (a cache hit would not)
     monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
-    before = compiling.breakdown()
+    before = compiling.breakdown(digits=9)
     f = torch.compile(lambda x: (x.sin() * 3).cos().sum(), dynamic=False)
     x = torch.ones(5, 7, requires_grad=True)
     f(x).backward()
-    after = compiling.breakdown()
+    after = compiling.breakdown(digits=9)
     assert after["dynamo_graphs"] - before["dynamo_graphs"] == 1
     assert after["inductor_graphs"] - before["inductor_graphs"] == 2
     grew = {k: after["seconds"][k] - before["seconds"][k] for k in after["seconds"]}
     assert grew["fx_codegen_and_compile"] > 0 and grew["compile_fx.<locals>.bw_compiler"] > 0
     f(x).backward()
-    again = compiling.breakdown()
+    again = compiling.breakdown(digits=9)
     assert {k: again[k] for k in ("dynamo_graphs", "inductor_graphs", "seconds")} == \
         {k: after[k] for k in ("dynamo_graphs", "inductor_graphs", "seconds")}
     assert after["largest_timers"]["_compile.compile_inner"] >= after["seconds"]["bytecode_tracing"]
