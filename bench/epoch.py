@@ -144,8 +144,9 @@ def one_mode(args, mode):
     epoch(cfg, Stages(device))
     first, compile_s = time.perf_counter() - t0, compiling.compile_seconds() - compile_s
     print(f"{mode}: first epoch {first:.1f} s (compiling {compile_s:.0f} s)", flush=True)  # kept if a timeout follows
-    if compiled:
-        print(f"{mode}: where the compiling went: {compiling.breakdown()}", flush=True)
+    went = compiled and compiling.breakdown()  # the first epoch's: the second compiles nothing
+    if went:
+        print(f"{mode}: where this process's compiling went: {went}", flush=True)
     if args.compile_cache and compiled:
         print(f"compile cache: {compiling.save_cache(args.compile_cache, device)} artifacts written")
     st = Stages(device)
@@ -158,8 +159,7 @@ def one_mode(args, mode):
         st.t["crop + LPIPS"] + st.t["update"]
     mfu = throughput.epoch_flops(1) / whole / throughput.peak
     mode = f"{mode} ({args.compile_mode})" if args.compile_mode and compiled else mode
-    out = {"mode": mode, "warmup_s": warmup, "compile_s": compile_s, "compiling": compiled and compiling.breakdown(),
-           "stages": st.t, "mem": st.mem,
+    out = {"mode": mode, "warmup_s": warmup, "compile_s": compile_s, "compiling": went, "stages": st.t, "mem": st.mem,
            "epoch_s": whole, "mfu": mfu, "samples_per_s": len(prompts) / whole, "on_policy": info,
            "peak_tflops": throughput.peak / 1e12}
     print(f"{out['mode']}: epoch {whole:.1f} s, MFU {mfu:.1%} (before the optional checks)", flush=True)
