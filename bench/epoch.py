@@ -325,9 +325,10 @@ def main():
         import tempfile
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-")
-    for item in args.inductor:
+    if args.inductor:
         import ast
         import torch._inductor.config as inductor_config
+    for item in args.inductor:
         key, _, value = item.partition("=")
         *path, name = key.split(".")
         ns = inductor_config

@@ -475,7 +475,7 @@ def test_diversity_is_zero_for_identical_samples_and_positive_otherwise(alex):
     with torch.no_grad():
         expect = torch.stack([alex(views[i], other[i], normalize=True).mean() for i in range(2)]).mean().item()
     assert d > 0 and d == pytest.approx(expect, abs=1e-6)
-    assert math.isnan(diversity(views[:, None], alex))                            # 1 sample: undefined
+    assert math.isnan(diversity(views[:, None], alex))                                        # 1 sample: undefined
 
 
 def test_line_plot_draws_every_series_titled_and_labelled(tmp_path):
